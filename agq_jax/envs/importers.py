@@ -1,0 +1,288 @@
+"""Import / export of the AgenticQwen task formats.
+
+- `tool_use_demo.json`: a JSON list of records {id, prompt: [system, user], task_background, rubrics,
+  test_policy, user_escape_strategy, tool_return_expected: {normal_path, hack_path}}.
+- The released parquet layout: nine string columns (`PARQUET_COLUMNS`).  `export_parquet(..., full=True)`
+  adds an `agq_task_json` column holding the whole Task, so procedural tasks (world state, tree, gold
+  trajectory) survive the round trip; readers of the released layout ignore it.
+A malformed record becomes an `ImportIssue(id, field, message)`; the rest of the file still loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from agq_jax.envs.schema import (BranchRef, EscapeStrategy, ExpectedToolReturns, ForbiddenAction, Lineage, Rubric,
+                                 SubGoal, Task, ToolCall, ToolSchema, UserProfile, canonical_json)
+
+PARQUET_COLUMNS = ("id", "system", "user", "messages_json", "task_background", "user_escape_strategy", "test_policy",
+                   "tool_return_expected_json", "rubrics")
+FULL_COLUMN = "agq_task_json"
+_TOOLS_HEADER = "\n\n# Tools\n\n"
+_TOOLS_BLOCK = re.compile(r"<tools>\n(.*?)\n?</tools>", re.S)
+
+
+@dataclass
+class ImportIssue:
+    record_id: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"record {self.record_id!r}, field {self.field!r}: {self.message}"
+
+
+class RecordError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# ------------------------------------------------------------------------------------------- columns
+def split_system(system: str) -> tuple[str, str | None, list[ToolSchema]]:
+    """(policy text, raw tools block suffix or None, parsed tools) of a Qwen3-style system prompt."""
+    i = system.rfind(_TOOLS_HEADER)
+    if i < 0:
+        return system, None, []
+    block = system[i:]
+    m = _TOOLS_BLOCK.search(block)
+    if not m:
+        raise RecordError("system", "a '# Tools' section without a <tools>...</tools> block")
+    tools = []
+    for n, line in enumerate(l for l in m.group(1).splitlines() if l.strip()):
+        try:
+            tools.append(ToolSchema.from_openai(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, ValidationError) as e:
+            raise RecordError(f"system.tools[{n}]", f"bad tool schema: {e}") from None
+    return system[:i], block, tools
+
+
+def _expected(obj: Any) -> ExpectedToolReturns:
+    if not isinstance(obj, dict):
+        raise RecordError("tool_return_expected", f"must be an object, got {type(obj).__name__}")
+    try:
+        return ExpectedToolReturns(normal_path=obj.get("normal_path") or [], hack_path=obj.get("hack_path") or [])
+    except ValidationError as e:
+        loc = ".".join(str(x) for x in e.errors()[0]["loc"])
+        raise RecordError(f"tool_return_expected.{loc}", e.errors()[0]["msg"]) from None
+
+
+def derive_forbidden(expected: ExpectedToolReturns, tools: list[ToolSchema]) -> list[ForbiddenAction]:
+    """Hack-path writes (and transfers of control that change state) that are not on the normal path."""
+    kinds = {t.name: t.kind for t in tools}
+    normal = {canonical_json([s.tool_name, s.input]) for s in expected.normal_path}
+    out, seen = [], set()
+    for s in expected.hack_path:
+        key = canonical_json([s.tool_name, s.input])
+        if kinds.get(s.tool_name, "write") == "write" and key not in normal and key not in seen:
+            seen.add(key)
+            out.append(ForbiddenAction(call=ToolCall(name=s.tool_name, arguments=s.input),
+                                       reason="hack-path write not on the normal path"))
+    return out
+
+
+def _branch(expected: ExpectedToolReturns, tools: list[ToolSchema]) -> BranchRef:
+    kinds = {t.name: t.kind for t in tools}
+    if any(kinds.get(s.tool_name) == "transfer" for s in expected.normal_path):
+        return BranchRef(branch_type="transfer", legal=False)
+    if expected.hack_path:
+        return BranchRef(branch_type="refusal", legal=False)
+    return BranchRef(branch_type="legal", legal=True)
+
+
+def task_from_columns(cols: dict[str, Any], source: str = "parquet") -> Task:
+    """A Task from the nine AgenticQwen columns (strings). Raises RecordError naming the bad field."""
+    for c in PARQUET_COLUMNS:
+        if c not in cols or cols[c] is None:
+            raise RecordError(c, "missing")
+        if not isinstance(cols[c], str):
+            raise RecordError(c, f"must be a string, got {type(cols[c]).__name__}")
+    raw: dict[str, str] = {}
+    try:
+        expected_obj = json.loads(cols["tool_return_expected_json"])
+    except json.JSONDecodeError as e:
+        raise RecordError("tool_return_expected_json", f"invalid JSON: {e}") from None
+    expected = _expected(expected_obj)
+    policy, block, tools = split_system(cols["system"])
+    names = {t.name for t in tools}
+    for path in ("normal_path", "hack_path"):
+        for n, step in enumerate(getattr(expected, path)):
+            if names and step.tool_name not in names:
+                raise RecordError(f"tool_return_expected.{path}[{n}].tool_name",
+                                  f"unknown tool {step.tool_name!r}; the system prompt defines {sorted(names)}")
+    messages = [{"role": "system", "content": cols["system"]}, {"role": "user", "content": cols["user"]}]
+    if cols["messages_json"] != json.dumps(messages, ensure_ascii=False):
+        try:
+            json.loads(cols["messages_json"])
+        except json.JSONDecodeError as e:
+            raise RecordError("messages_json", f"invalid JSON: {e}") from None
+        raw["messages_json"] = cols["messages_json"]
+    if cols["tool_return_expected_json"] != json.dumps(expected_obj, ensure_ascii=False):
+        raw["tool_return_expected_json"] = cols["tool_return_expected_json"]
+    if canonical_json(expected_obj) != canonical_json(expected.model_dump()):
+        raw["tool_return_expected_json"] = cols["tool_return_expected_json"]
+    metadata: dict[str, Any] = {}
+    if block is not None:
+        metadata["system_tools_block"] = block
+    if raw:
+        metadata["parquet_raw"] = raw
+    normal_writes = [s for s in expected.normal_path if next((t.kind for t in tools if t.name == s.tool_name), "write") != "read"]
+    try:
+        return Task(
+            id=cols["id"], domain="imported", system_prompt=policy, user_opening=cols["user"], tools=tools,
+            branch=_branch(expected, tools),
+            user=UserProfile(background=cols["task_background"], escape=EscapeStrategy(text=cols["user_escape_strategy"])),
+            test_policy=cols["test_policy"], expected_returns=expected,
+            gold_actions=[ToolCall(name=s.tool_name, arguments=s.input) for s in expected.normal_path],
+            rubric=Rubric(text=cols["rubrics"], forbidden_actions=derive_forbidden(expected, tools),
+                          sub_goals=[SubGoal(id="writes_match", kind="writes_match",
+                                             description=f"the {len(normal_writes)} normal-path writes, nothing else")]),
+            lineage=Lineage(source_task_id=cols["id"], method="imported", generator="agenticqwen"), metadata=metadata)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RecordError(".".join(str(x) for x in err["loc"]) or "task", err["msg"]) from None
+
+
+def columns_from_task(task: Task) -> dict[str, str]:
+    """The nine string columns of a task (inverse of `task_from_columns` for imported tasks)."""
+    from agq_jax.envs.runtime import system_message
+
+    raw = task.metadata.get("parquet_raw", {})
+    system = system_message(task, embed_tools=True)
+    messages = json.dumps([{"role": "system", "content": system}, {"role": "user", "content": task.user_opening}],
+                          ensure_ascii=False)
+    expected = json.dumps(task.expected_returns.model_dump(), ensure_ascii=False)
+    if "tool_return_expected_json" in raw and canonical_json(json.loads(raw["tool_return_expected_json"])) == \
+            canonical_json(task.expected_returns.model_dump()):
+        expected = raw["tool_return_expected_json"]
+    return {"id": task.id, "system": system, "user": task.user_opening,
+            "messages_json": raw.get("messages_json", messages), "task_background": task.user.background,
+            "user_escape_strategy": task.user.escape.text, "test_policy": task.test_policy,
+            "tool_return_expected_json": expected, "rubrics": task.rubric.text}
+
+
+# ------------------------------------------------------------------------------------------ loaders
+def demo_record_to_columns(rec: Any) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise RecordError("record", f"must be an object, got {type(rec).__name__}")
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, list) or len(prompt) < 2:
+        raise RecordError("prompt", "must be a list [system, user]")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in prompt[:2]]
+    if roles != ["system", "user"]:
+        raise RecordError("prompt", f"expected roles ['system', 'user'], got {roles}")
+    if "tool_return_expected" not in rec:
+        raise RecordError("tool_return_expected", "missing")
+    cols = {"id": rec.get("id"), "system": prompt[0].get("content"), "user": prompt[1].get("content"),
+            "task_background": rec.get("task_background"), "user_escape_strategy": rec.get("user_escape_strategy"),
+            "test_policy": rec.get("test_policy"), "rubrics": rec.get("rubrics"),
+            "tool_return_expected_json": json.dumps(rec["tool_return_expected"], ensure_ascii=False)}
+    for k in ("id", "system", "user", "task_background", "user_escape_strategy", "test_policy", "rubrics"):
+        if not isinstance(cols[k], str):
+            field = {"system": "prompt[0].content", "user": "prompt[1].content"}.get(k, k)
+            raise RecordError(field, f"must be a string, got {type(cols[k]).__name__}")
+    cols["messages_json"] = json.dumps(prompt[:2], ensure_ascii=False)
+    return cols
+
+
+def _collect(items: Iterable[tuple[str, Any]], convert) -> tuple[list[Task], list[ImportIssue]]:
+    tasks, issues = [], []
+    for rid, item in items:
+        try:
+            tasks.append(convert(item))
+        except RecordError as e:
+            issues.append(ImportIssue(rid, e.field, str(e)))
+    return tasks, issues
+
+
+def load_demo_records(records: list, source: str = "tool_use_demo.json") -> tuple[list[Task], list[ImportIssue]]:
+    items = [(str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}", r) for i, r in enumerate(records)]
+    return _collect(items, lambda r: task_from_columns(demo_record_to_columns(r), source))
+
+
+def load_demo_json(path: str) -> tuple[list[Task], list[ImportIssue]]:
+    """All tasks of a tool_use_demo.json-style file, plus one issue per malformed record."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of task records, got {type(data).__name__}")
+    return load_demo_records(data, os.path.basename(path))
+
+
+def load_parquet(path: str) -> tuple[list[Task], list[ImportIssue]]:
+    """Tasks from the released nine-column layout (or our full export with `agq_task_json`)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    names = set(table.column_names)
+    if FULL_COLUMN not in names:
+        missing = [c for c in PARQUET_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}; found {sorted(names)}")
+    rows = table.to_pylist()
+
+    def convert(row: dict) -> Task:
+        if row.get(FULL_COLUMN):
+            try:
+                return Task.model_validate_json(row[FULL_COLUMN])
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise RecordError(f"{FULL_COLUMN}." + ".".join(str(x) for x in err["loc"]), err["msg"]) from None
+        return task_from_columns(row, os.path.basename(path))
+
+    return _collect(((str(r.get("id")), r) for r in rows), convert)
+
+
+def export_parquet(tasks: list[Task], path: str, full: bool = True) -> None:
+    """Write the nine string columns (+ `agq_task_json` when `full`) atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [columns_from_task(t) for t in tasks]
+    data = {c: pa.array([r[c] for r in rows], type=pa.string()) for c in PARQUET_COLUMNS}
+    if full:
+        data[FULL_COLUMN] = pa.array([t.model_dump_json() for t in tasks], type=pa.string())
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        pq.write_table(pa.table(data), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_jsonl(tasks: Iterable[Task], path: str) -> None:
+    """Tasks as JSON lines, written atomically."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".jsonl.tmp")
+    with os.fdopen(fd, "w") as f:
+        for t in tasks:
+            f.write(t.model_dump_json() + "\n")
+    os.replace(tmp, path)
+
+
+def load_jsonl(path: str) -> tuple[list[Task], list[ImportIssue]]:
+    tasks, issues = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tasks.append(Task.model_validate_json(line))
+            except ValidationError as e:
+                err = e.errors()[0]
+                rid = (re.search(r'"id"\s*:\s*"([^"]*)"', line) or [None, f"line {n}"])[1]
+                issues.append(ImportIssue(rid, ".".join(str(x) for x in err["loc"]) or "task", err["msg"]))
+    return tasks, issues

@@ -1,0 +1,200 @@
+"""Programmatic rewards: verify the world state and the interaction log, not the text.
+
+    reward = (weighted fraction of sub-goals met) x (product of the enabled gates)
+
+Sub-goals come from `task.rubric.sub_goals` plus one per `required_interaction` (asked-before-used,
+confirmed-before-write). The state sub-goal compares the final world state with the state reached by
+replaying the gold actions (tau^2-bench style hash). The default gate is policy compliance: any forbidden
+action (a hack-path write not on the normal path) makes the reward 0. Every component is kept.
+Tasks without world state (imported) fall back to write matching and, optionally, a teacher rubric judge.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from agq_jax.envs.runtime import EpisodeRecord
+from agq_jax.envs.schema import SubGoal, Task, ToolCall, canonical_json, state_hash
+from agq_jax.envs.tools import ChatFn, replay_final_state
+
+GATES = ("no_forbidden", "confirmed_before_write", "state_match", "no_error", "required_interactions")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    gates: tuple[str, ...] = ("no_forbidden",)
+    kind_weights: tuple[tuple[str, float], ...] = ()     # e.g. (("state_match", 2.0),) overrides sub-goal weights
+    success_threshold: float = 1.0 - 1e-9               # a trial counts as a success for pass@k / pass^k
+    use_judge: bool = True                              # add a judge sub-goal when a judge is given
+
+    def __post_init__(self):
+        bad = [g for g in self.gates if g not in GATES]
+        if bad:
+            raise ValueError(f"unknown reward gates {bad}; known: {GATES}")
+
+
+@dataclass
+class Reward:
+    total: float
+    components: dict[str, float] = field(default_factory=dict)   # "subgoal/<id>" in [0,1] and "diag/<name>"
+    gates: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return self.total >= RewardConfig().success_threshold
+
+
+_STATE_CACHE: dict[tuple[str, str], str] = {}
+
+
+def expected_state_hash(task: Task) -> Optional[str]:
+    """Hash of the state after replaying the gold actions (cached per task id and gold actions)."""
+    if task.rubric.expected_state_hash:
+        return task.rubric.expected_state_hash
+    if task.initial_state is None:
+        return None
+    key = (task.id, canonical_json([c.model_dump() for c in task.gold_actions]) + state_hash(task.initial_state))
+    if key not in _STATE_CACHE:
+        _STATE_CACHE[key] = state_hash(replay_final_state(task, task.gold_actions))
+    return _STATE_CACHE[key]
+
+
+def _ok_calls(rec: EpisodeRecord) -> list[dict]:
+    return [c for c in rec.tool_calls if c.get("error") is None]
+
+
+def _uses_value(arguments: Any, value: str) -> bool:
+    v = value.strip().lower()
+    if isinstance(arguments, dict):
+        return any(_uses_value(x, value) for x in arguments.values())
+    if isinstance(arguments, list):
+        return any(_uses_value(x, value) for x in arguments)
+    if isinstance(arguments, (int, float)) and not isinstance(arguments, bool):
+        return canonical_json(arguments) == v
+    return isinstance(arguments, str) and (arguments.strip().lower() == v or (len(v) >= 4 and v in arguments.lower()))
+
+
+def _asked(task: Task, rec: EpisodeRecord, key: str) -> bool:
+    fact = task.user.fact(key)
+    reveal = [e["seq"] for e in rec.user_events if key in (e.get("revealed") or [])]
+    if not reveal:
+        return False
+    first_use = [c["seq"] for c in rec.tool_calls if _uses_value(c["arguments"], fact.value)]
+    return not first_use or min(first_use) > min(reveal)
+
+
+def _confirmed_before_write(task: Task, rec: EpisodeRecord, params: dict) -> bool:
+    writes = [c for c in _ok_calls(rec) if c.get("kind") == "write" and (not params.get("tool") or c["name"] == params["tool"])]
+    confirms = [e["seq"] for e in rec.user_events if e.get("confirmed") is True]
+    if params.get("must_ask") and not any(e.get("confirmed") is not None for e in rec.user_events):
+        return False
+    return all(any(s < w["seq"] for s in confirms) for w in writes)
+
+
+def _writes_match(task: Task, rec: EpisodeRecord) -> bool:
+    write_tools = task.write_tools
+    want = sorted(canonical_json([s.tool_name, s.input]) for s in task.expected_returns.normal_path
+                  if s.tool_name in write_tools)
+    got = sorted(canonical_json([c["name"], c["arguments"]]) for c in _ok_calls(rec) if c["name"] in write_tools)
+    return want == got
+
+
+def judge_episode(task: Task, rec: EpisodeRecord, judge: ChatFn) -> bool:
+    """Teacher rubric judge (tasks without world state): PASS / FAIL on the rubric text and the transcript."""
+    transcript = json.dumps(rec.messages[1:], ensure_ascii=False)[-12000:]
+    prompt = [{"role": "system", "content": "You grade a customer-service agent's episode against a rubric. Answer "
+                                            "with a JSON object {\"pass\": true|false, \"reason\": \"...\"}."},
+              {"role": "user", "content": f"Policy tested: {task.test_policy}\nRubric: {task.rubric.text}\n"
+                                          f"Expected normal path: {task.expected_returns.model_dump()['normal_path']}\n"
+                                          f"Episode: {transcript}"}]
+    reply = judge(prompt)
+    m = re.search(r'"pass"\s*:\s*(true|false)', reply, re.I)
+    if m:
+        return m.group(1).lower() == "true"
+    return bool(re.search(r"\bPASS\b", reply)) and not re.search(r"\bFAIL\b", reply)
+
+
+def task_subgoals(task: Task, with_judge: bool = False) -> list[SubGoal]:
+    """The rubric's sub-goals plus those implied by required interactions (deduplicated)."""
+    goals = list(task.rubric.sub_goals)
+    seen = {(g.kind, canonical_json(g.params)) for g in goals}
+    for ri in task.rubric.required_interactions:
+        g = (SubGoal(id=f"ask_{ri.fact}", kind="asked", params={"fact": ri.fact}, description=f"asked for {ri.fact}")
+             if ri.kind == "ask" else
+             SubGoal(id=f"confirm_{ri.tool or 'write'}", kind="confirmed_before_write",
+                     params={"tool": ri.tool, "must_ask": True}, description="confirmation before the write"))
+        if (g.kind, canonical_json(g.params)) not in seen:
+            seen.add((g.kind, canonical_json(g.params)))
+            goals.append(g)
+    if with_judge:
+        goals.append(SubGoal(id="judge", kind="judge", description="teacher rubric judge"))
+    return goals
+
+
+def evaluate_subgoal(task: Task, rec: EpisodeRecord, goal: SubGoal, judge: Optional[ChatFn] = None) -> float:
+    k, p = goal.kind, goal.params
+    if k == "state_match":
+        want = expected_state_hash(task)
+        return float(want is not None and rec.final_state_hash == want) if want else float(_writes_match(task, rec))
+    if k == "tool_called":
+        pat = ToolCall(name=p["tool"], arguments=p.get("arguments", {}))
+        return float(any(pat.matches(c["name"], c["arguments"]) for c in _ok_calls(rec)))
+    if k == "asked":
+        return float(_asked(task, rec, p["fact"]))
+    if k == "confirmed_before_write":
+        return float(_confirmed_before_write(task, rec, p))
+    if k == "transferred":
+        return float(rec.transferred)
+    if k == "not_transferred":
+        return float(not rec.transferred)
+    if k == "no_write":
+        return float(not any(c.get("kind") == "write" for c in _ok_calls(rec)))
+    if k == "writes_match":
+        return float(_writes_match(task, rec))
+    if k == "judge":
+        return float(judge is not None and judge_episode(task, rec, judge))
+    raise ValueError(f"task {task.id}: unknown sub-goal kind {k!r}")
+
+
+def forbidden_calls(task: Task, rec: EpisodeRecord) -> list[dict]:
+    return [c for c in _ok_calls(rec) for f in task.rubric.forbidden_actions if f.call.matches(c["name"], c["arguments"])]
+
+
+def score(task: Task, record: EpisodeRecord, config: RewardConfig = RewardConfig(),
+          judge: Optional[ChatFn] = None) -> Reward:
+    """Reward in [0, 1] with every sub-goal, gate and diagnostic kept in `components` / `gates`."""
+    if record.task_id != task.id:
+        raise ValueError(f"episode record is for task {record.task_id!r}, not {task.id!r}")
+    goals = task_subgoals(task, with_judge=judge is not None and config.use_judge)
+    weights = dict(config.kind_weights)
+    comps: dict[str, float] = {}
+    num = den = 0.0
+    for g in goals:
+        v = evaluate_subgoal(task, record, g, judge)
+        w = weights.get(g.kind, g.weight)
+        comps[f"subgoal/{g.id}"] = v
+        num, den = num + w * v, den + w
+    frac = num / den if den > 0 else 0.0
+    bad = forbidden_calls(task, record)
+    asks = [g for g in goals if g.kind == "asked"]
+    all_gates = {
+        "no_forbidden": not bad,
+        "confirmed_before_write": _confirmed_before_write(task, record, {}),
+        "state_match": evaluate_subgoal(task, record, SubGoal(id="s", kind="state_match")) == 1.0,
+        "no_error": record.termination != "error",
+        "required_interactions": all(comps[f"subgoal/{g.id}"] == 1.0 for g in asks),
+    }
+    gates = {g: all_gates[g] for g in config.gates}
+    total = frac if all(gates.values()) else 0.0
+    comps.update({
+        "diag/subgoal_fraction": frac, "diag/forbidden_calls": float(len(bad)),
+        "diag/n_writes": float(sum(1 for c in _ok_calls(record) if c.get("kind") == "write")),
+        "diag/tool_errors": float(record.counters.get("tool_errors", 0)),
+        "diag/malformed_turns": float(record.counters.get("malformed_turns", 0)),
+        "diag/agent_turns": float(record.agent_turns), "diag/transferred": float(record.transferred),
+    })
+    for g, v in all_gates.items():
+        comps[f"diag/gate_{g}"] = float(v)
+    return Reward(total=float(min(1.0, max(0.0, total))), components=comps, gates=gates)

@@ -1,0 +1,117 @@
+"""AgenticQwen importers: all 100 demo tasks, malformed records reported, lossless parquet round trips, stats CLI."""
+import copy
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from agq_jax.envs import replay_agent, run_episode, score
+from agq_jax.envs.importers import (PARQUET_COLUMNS, export_parquet, load_demo_json, load_demo_records, load_jsonl,
+                                    load_parquet, save_jsonl)
+from agq_jax.envs.runtime import system_message
+from agq_jax.envs.worlds.generator import Knobs, generate_tasks
+from data_synth import stats
+
+DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
+
+
+@pytest.fixture(scope="module")
+def raw():
+    with open(DEMO) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def demo(raw):
+    tasks, issues = load_demo_json(DEMO)
+    return tasks, issues
+
+
+def test_all_100_demo_tasks_import(raw, demo):
+    tasks, issues = demo
+    assert len(tasks) == 100 and issues == []
+    assert [t.id for t in tasks] == [r["id"] for r in raw]
+    assert sum(1 for t in tasks if t.expected_returns.hack_path) == 70
+    for t, r in zip(tasks, raw):
+        assert system_message(t) == r["prompt"][0]["content"]          # the tools block is kept verbatim
+        assert t.user_opening == r["prompt"][1]["content"]
+        assert 4 <= len(t.tools) <= 7 and all(tool.outputs for tool in t.tools)
+        assert t.expected_returns.model_dump() == {k: r["tool_return_expected"].get(k) or []
+                                                   for k in ("normal_path", "hack_path")}
+        assert t.branch.legal == (not r["tool_return_expected"]["hack_path"] and t.branch.branch_type != "transfer")
+
+
+def test_malformed_records_are_reported_with_id_and_field(raw):
+    recs = copy.deepcopy(raw[:6])
+    del recs[1]["prompt"]
+    recs[2]["tool_return_expected"] = ["not", "a", "dict"]
+    recs[3]["prompt"][0]["content"] = recs[3]["prompt"][0]["content"].replace('{"type": "function"', '{"type: ', 1)
+    recs[4]["rubrics"] = 42
+    recs[5]["tool_return_expected"]["normal_path"][0] = {"tool_name": "x"}   # a tool the prompt does not define
+    tasks, issues = load_demo_records(recs)
+    assert [t.id for t in tasks] == [raw[0]["id"]]
+    got = {(i.record_id, i.field.split("[")[0]) for i in issues}
+    assert got == {(raw[1]["id"], "prompt"), (raw[2]["id"], "tool_return_expected"),
+                   (raw[3]["id"], "system.tools"), (raw[4]["id"], "rubrics"),
+                   (raw[5]["id"], "tool_return_expected.normal_path")}
+    assert all(str(i).startswith("record ") for i in issues)
+
+
+def test_parquet_round_trip_lossless(tmp_path, demo):
+    tasks, _ = demo
+    path = tmp_path / "released.parquet"
+    export_parquet(tasks, str(path), full=False)
+    table = pq.read_table(path)
+    assert table.column_names == list(PARQUET_COLUMNS)
+    assert all(str(table.schema.field(c).type) == "string" for c in PARQUET_COLUMNS)
+    back, issues = load_parquet(str(path))
+    assert issues == [] and back == tasks
+    # released layout -> tasks -> released layout: byte-identical columns, even for a non-canonical JSON string
+    rows = table.to_pylist()
+    rows[0]["tool_return_expected_json"] = json.dumps(json.loads(rows[0]["tool_return_expected_json"]), indent=2)
+    rows[1]["messages_json"] = json.dumps(json.loads(rows[1]["messages_json"]), ensure_ascii=True)
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "odd.parquet")
+    odd, _ = load_parquet(str(tmp_path / "odd.parquet"))
+    export_parquet(odd, str(tmp_path / "again.parquet"), full=False)
+    assert pq.read_table(tmp_path / "again.parquet").to_pylist() == rows
+    # procedural tasks keep everything (world state, tree, gold trajectory) through the full export
+    proc = generate_tasks(12, seed=3, knobs=Knobs(level=1))
+    export_parquet(proc, str(tmp_path / "proc.parquet"))
+    back, issues = load_parquet(str(tmp_path / "proc.parquet"))
+    assert issues == [] and back == proc
+    save_jsonl(proc, str(tmp_path / "proc.jsonl"))
+    assert load_jsonl(str(tmp_path / "proc.jsonl")) == (proc, [])
+
+
+def test_missing_columns_named(tmp_path):
+    import pyarrow as pa
+    pq.write_table(pa.table({"id": ["a"], "system": ["s"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="missing columns.*messages_json"):
+        load_parquet(str(tmp_path / "bad.parquet"))
+
+
+def test_imported_tasks_score_by_writes_and_forbidden_actions(demo):
+    tasks, _ = demo
+    for t in tasks[:20]:
+        calls = ["<tool_call>\n" + json.dumps({"name": s.tool_name, "arguments": s.input}) + "\n</tool_call>"
+                 for s in t.expected_returns.normal_path]
+        rec = run_episode(t, replay_agent(calls + ["All done."]))
+        assert score(t, rec).total == 1.0, (t.id, score(t, rec).components)
+        if t.rubric.forbidden_actions:
+            hack = ["<tool_call>\n" + json.dumps({"name": s.tool_name, "arguments": s.input}) + "\n</tool_call>"
+                    for s in t.expected_returns.hack_path]
+            rec = run_episode(t, replay_agent(hack + ["All done."]))
+            assert score(t, rec).total == 0.0
+
+
+def test_stats_cli(tmp_path, capsys):
+    tasks = generate_tasks(30, seed=2)
+    save_jsonl(tasks, str(tmp_path / "d.jsonl"))
+    assert stats.main([str(tmp_path / "d.jsonl"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["n_tasks"] == 30 and s["legal_illegal"]["legal"] + s["legal_illegal"]["illegal"] == 30
+    assert set(s["branch_types"]) == {"legal", "refusal", "transfer", "clarification", "confirmation"}
+    assert s["tree_depth"]["min"] >= 2 and s["branch_coverage"]["covered"] > 0
+    assert stats.main([DEMO]) == 0
+    assert "legal / illegal: 29 / 71" in capsys.readouterr().out
