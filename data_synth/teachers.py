@@ -89,6 +89,8 @@ def endpoints_from_config(teachers: Mapping[str, Any] | None) -> dict[str, Endpo
     an error naming the role and the key. An empty mapping means offline mode (no teachers)."""
     if not teachers:
         return {}
+    if hasattr(teachers, "to_dict"):  # ml_collections.ConfigDict -> plain nested dicts
+        teachers = teachers.to_dict()
     teachers = {k: (dict(v) if v is not None else {}) for k, v in dict(teachers).items()}
     default = teachers.pop("default", {})
     out = {}
@@ -185,6 +187,22 @@ class RoleStats:
         return d
 
 
+def _render_tool_calls(calls) -> str:
+    """A server launched with a tool-call parser may lift `<tool_call>` blocks out of the text; put them back
+    in the Qwen3 form so the callers (agents, stages) always see one text format."""
+    out = ""
+    for c in calls:
+        fn = getattr(c, "function", None)
+        if fn is None:
+            continue
+        try:
+            args = json.loads(fn.arguments or "{}")
+        except (TypeError, json.JSONDecodeError):
+            args = fn.arguments
+        out += "\n<tool_call>\n" + json.dumps({"name": fn.name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+    return out
+
+
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
@@ -245,8 +263,13 @@ class TeacherClient:
         with self._lock:
             return {r: s.as_dict() for r, s in sorted(self.stats.items())}
 
-    def models(self) -> dict:
-        return {r: {"model": e.model, "base_url": e.base_url} for r, e in sorted(self.endpoints.items())}
+    def models(self) -> dict[str, str]:
+        """Role -> model name (what manifests record)."""
+        return {r: e.model for r, e in sorted(self.endpoints.items())}
+
+    def endpoints_public(self) -> dict[str, dict]:
+        """Role -> endpoint settings without secrets (the key's env var name only)."""
+        return {r: e.public() for r, e in sorted(self.endpoints.items())}
 
     def check_health(self, timeout_s: float = 30.0) -> None:
         for url in sorted({e.base_url for e in self.endpoints.values()}):
@@ -258,6 +281,10 @@ class TeacherClient:
             return
         self._closed = True
         async def _close_all():
+            me = asyncio.current_task()
+            for t in asyncio.all_tasks():  # requests of an interrupted round: cancel, don't leak
+                if t is not me:
+                    t.cancel()
             for c in self._clients.values():
                 await c.close()
         try:
@@ -351,6 +378,7 @@ class TeacherClient:
             reasoning = getattr(choice.message, "reasoning_content", None) or ""
             if not content and getattr(choice.message, "refusal", None):
                 content = str(choice.message.refusal)
+            content += _render_tool_calls(getattr(choice.message, "tool_calls", None) or [])
             text, inline_thoughts = split_thinking(content)
             usage = resp.usage
             result = ChatResult(text=text, finish_reason=choice.finish_reason,
