@@ -14,8 +14,8 @@ Log-probabilities: every sampled token gets two numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-IM_END_ID = 151645
-TOOL_CALL_END_ID = 151658
-PAD_ID = 151643
+from agq_jax.tokenizer import IM_END_ID, PAD_TOKEN_ID as PAD_ID, TOOL_CALL_END_ID
+
 DEFAULT_STOP_IDS = (IM_END_ID, TOOL_CALL_END_ID)
 
 # finish reasons (int codes on device, names on host)
@@ -124,18 +123,18 @@ def _hidden_to_logits(model, hidden: jax.Array) -> jax.Array:
     return jnp.dot(hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _prefill(graphdef, state, cache, ids, mask):
+def _prefill(graphdef, state, cache, ids, mask, prev_logits):
     model = nnx.merge(graphdef, state)
     hidden, cache, _ = model.hidden_states(ids, attention_mask=mask, cache=cache)
     last = jnp.clip(mask.sum(-1) - 1, 0, ids.shape[1] - 1)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return cache, _hidden_to_logits(model, h_last)
+    logits = _hidden_to_logits(model, h_last)
+    return cache, jnp.where(mask.any(-1)[:, None], logits, prev_logits)  # empty rows keep their logits
 
 
-def _decode(graphdef, state, cache, logits, rng, active, row_budget, *, params, max_new, pad_id):
+def _decode(graphdef, state, cache, logits, rng, active, row_budget, capacity, *, params, max_new, pad_id):
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
-    capacity = cache.k.shape[2]
     stop_ids = jnp.asarray(params.stop_ids if params.stop_ids else (-1,), jnp.int32)
     full_at_start = active & (cache.lengths >= capacity)
     no_budget = active & (row_budget <= 0)
@@ -166,12 +165,14 @@ def _decode(graphdef, state, cache, logits, rng, active, row_budget, *, params, 
         slogprobs = jax.lax.dynamic_update_slice(c["sample_logprobs"], jnp.where(live, slp, 0.0)[:, None], col)
         num = c["num"] + live.astype(jnp.int32)
         # Every sampled token (the stop token too) goes into the cache, so a later turn continues from it.
-        hidden, cache, _ = model.hidden_states(tok[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=c["cache"])
+        hidden, cache, _ = model.hidden_states(tok[:, None], attention_mask=live[:, None].astype(jnp.int32),
+                                               cache=c["cache"])
         new_logits = _hidden_to_logits(model, hidden[:, 0])
         is_stop = live & jnp.isin(tok, stop_ids)
         hit_max = live & (num >= jnp.minimum(row_budget, max_new))
         is_full = live & (cache.lengths >= capacity)
-        reason = jnp.where(is_stop, STOP, jnp.where(hit_max, MAX_NEW_TOKENS, jnp.where(is_full, CACHE_FULL, c["reason"])))
+        reason = jnp.where(is_stop, STOP,
+                           jnp.where(hit_max, MAX_NEW_TOKENS, jnp.where(is_full, CACHE_FULL, c["reason"])))
         return dict(step=c["step"] + 1, cache=cache, logits=new_logits, rng=rng, tokens=tokens, logprobs=logprobs,
                     sample_logprobs=slogprobs, num=num, done=c["done"] | is_stop | hit_max | is_full,
                     reason=reason.astype(jnp.int32))
@@ -193,7 +194,7 @@ def bucket_length(n: int, minimum: int = 16, multiple: int = 256) -> int:
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes the batch dimension is sharded over (data-parallel ones that exist with size > 1)."""
+    """Mesh axes the batch dimension is sharded over (the data-parallel ones with size > 1)."""
     if mesh is None:
         return ()
     return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
@@ -205,13 +206,23 @@ class Sampler:
     Pass the live model (or its `nnx.state`) to each call: weights are arguments, so a train step's new
     weights never trigger a recompile. With `mesh`, the batch dimension of every input and of the cache
     is sharded over the mesh's data/fsdp axes (the batch must be divisible by their product).
+
+    Token budget vs cache size: a cache for `max_len` tokens is allocated with `chunk_size` extra slots,
+    so a padded prefill chunk never runs past the end of the buffer; decoding stops at `max_len`.
     """
 
-    def __init__(self, model: nnx.Module, *, mesh=None, pad_id: int = PAD_ID, cache_dtype=None):
-        self.graphdef, _ = nnx.split(model)
-        self.cfg = model.config if hasattr(model, "config") else getattr(model, "cfg", None)
+    def __init__(self, model: nnx.Module, *, mesh=None, pad_id: int = PAD_ID, cache_dtype=None,
+                 chunk_size: int = 256):
+        self.graphdef, state = nnx.split(model)
+        self.cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+        if self.cfg is None:
+            raise ValueError("Sampler: model has no `.config` (needed for qwen3.init_cache)")
         self.mesh = mesh
         self.pad_id = int(pad_id)
+        self.chunk_size = int(chunk_size)
+        if cache_dtype is None:
+            floats = [x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+            cache_dtype = getattr(model, "dtype", None) or (floats[0] if floats else jnp.float32)
         self.cache_dtype = cache_dtype
         self._prefill = jax.jit(_prefill, static_argnums=(0,), donate_argnums=(2,))
         self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("params", "max_new", "pad_id"),
@@ -222,7 +233,7 @@ class Sampler:
         if isinstance(model_or_state, nnx.Module):
             graphdef, state = nnx.split(model_or_state)
             if graphdef != self.graphdef:
-                raise ValueError("Sampler: model's graph structure differs from the one the sampler was built for")
+                raise ValueError("Sampler: the model's graph structure differs from the one the sampler was built for")
             return state
         return model_or_state
 
@@ -231,74 +242,108 @@ class Sampler:
         """The batch size must be a multiple of this (product of the data-parallel mesh axes)."""
         return int(np.prod([self.mesh.shape[a] for a in batch_axes(self.mesh)])) if self.mesh is not None else 1
 
+    def padded_batch(self, n: int) -> int:
+        return -(-n // self.batch_multiple) * self.batch_multiple
+
     def _shard_batch(self, x, batch_dim: int = 0):
-        if self.mesh is None or not batch_axes(self.mesh):
-            return x
-        spec = [None] * x.ndim
-        spec[batch_dim] = batch_axes(self.mesh)
-        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec)))
+        """Place a host/device array with its batch dim over the mesh's data-parallel axes."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from agq_jax.models import sharding
+
+        logical = [None] * np.ndim(x)
+        logical[batch_dim] = "batch"
+        spec = sharding.logical_to_pspec(logical, np.shape(x), self.mesh)
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def _mesh_ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def init_cache(self, batch: int, max_len: int):
-        """A fresh cache for `batch` rows of `max_len` tokens (batch-sharded under the mesh)."""
+        """A fresh cache holding `max_len` tokens per row (+ `chunk_size` slack), batch-sharded under the mesh."""
         from agq_jax.models import qwen3
 
         if batch % self.batch_multiple:
-            raise ValueError(f"Sampler.init_cache: batch {batch} not divisible by data-parallel size {self.batch_multiple}")
-        dtype = self.cache_dtype or jnp.float32
-        cache = qwen3.init_cache(self.cfg, batch, max_len, dtype)
-        return type(cache)(self._shard_batch(cache.k, 1), self._shard_batch(cache.v, 1), self._shard_batch(cache.lengths))
+            raise ValueError(f"Sampler.init_cache: batch {batch} not divisible by the data-parallel size "
+                             f"{self.batch_multiple}")
+        cache = qwen3.init_cache(self.cfg, batch, int(max_len) + self.chunk_size, self.cache_dtype, mesh=self.mesh)
+        return cache._replace(lengths=self._shard_batch(cache.lengths))
 
     # ---- device calls --------------------------------------------------------------------------------
-    def prefill(self, model, cache, ids, mask):
+    def prefill(self, model, cache, ids, mask, prev_logits=None):
         """Append chunk `ids [B, T]` (valid tokens left-aligned, `mask` marks them) at each row's cache length.
 
-        Returns (cache, logits [B, V] f32 at each row's last valid chunk token). Rows with an all-zero mask
-        are untouched (their returned logits are meaningless). The cache argument is donated.
+        Returns (cache, logits [B, V] f32 at each row's last valid chunk token; rows with an all-zero mask
+        keep `prev_logits`). The cache argument is donated. T must be <= chunk_size.
         """
-        ids = jnp.asarray(ids, jnp.int32)
-        mask = jnp.asarray(mask, jnp.int32)
+        ids = np.asarray(ids, np.int32)
+        mask = np.asarray(mask, np.int32)
         if ids.shape != mask.shape or ids.ndim != 2:
             raise ValueError(f"Sampler.prefill: ids {ids.shape} and mask {mask.shape} must be equal [B, T]")
-        return self._prefill(self.graphdef, self._state(model), cache, self._shard_batch(ids), self._shard_batch(mask))
+        if ids.shape[1] > self.chunk_size:
+            raise ValueError(f"Sampler.prefill: chunk of {ids.shape[1]} tokens > chunk_size {self.chunk_size}; "
+                             "use append()")
+        if prev_logits is None:
+            prev_logits = jnp.zeros((ids.shape[0], self.cfg.vocab_size), jnp.float32)
+        with self._mesh_ctx():
+            return self._prefill(self.graphdef, self._state(model), cache, self._shard_batch(ids),
+                                 self._shard_batch(mask), self._shard_batch(prev_logits))
+
+    def append(self, model, cache, rows: Sequence[Sequence[int]], logits=None):
+        """Append ragged token rows (one per batch row, may be empty) in chunks of <= chunk_size.
+
+        Returns (cache, logits [B, V]) where a row's logits follow its last appended token (unchanged for
+        empty rows). Chunk widths are bucketed so few shapes get compiled.
+        """
+        state = self._state(model)
+        batch = len(rows)
+        longest = max((len(r) for r in rows), default=0)
+        if logits is None:
+            logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
+        for start in range(0, longest, self.chunk_size):
+            width = min(self.chunk_size, bucket_length(longest - start, multiple=self.chunk_size))
+            ids = np.full((batch, width), self.pad_id, np.int32)
+            mask = np.zeros((batch, width), np.int32)
+            for b, r in enumerate(rows):
+                piece = r[start: start + width]
+                ids[b, : len(piece)] = piece
+                mask[b, : len(piece)] = 1
+            cache, logits = self.prefill(state, cache, ids, mask, logits)
+        return cache, logits
 
     def decode(self, model, cache, logits, rng, *, params: SamplingParams, max_new_tokens: int,
-               active=None, row_budget=None) -> DecodeOutput:
+               max_len: int | None = None, active=None, row_budget=None) -> DecodeOutput:
         """Sample up to `max_new_tokens` per row starting from `logits`, appending to `cache` (donated).
 
-        `active [B]` bool: rows to decode (others emit nothing); `row_budget [B]` int: per-row token limit
-        (<= max_new_tokens). A row stops at a stop id, its budget, or a full cache.
+        A row stops at a stop id, at `row_budget[b]` tokens (default max_new_tokens), or when its cache
+        holds `max_len` tokens (default: the physical size minus slack). `active [B]` picks the rows to
+        decode (others emit nothing).
         """
         batch = logits.shape[0]
-        active = jnp.ones((batch,), bool) if active is None else jnp.asarray(active, bool)
-        budget = jnp.full((batch,), max_new_tokens, jnp.int32) if row_budget is None else jnp.asarray(row_budget, jnp.int32)
-        return self._decode(self.graphdef, self._state(model), cache, logits, rng, self._shard_batch(active),
-                            self._shard_batch(budget), params=params, max_new=int(max_new_tokens), pad_id=self.pad_id)
+        capacity = (cache.k.shape[2] - self.chunk_size) if max_len is None else int(max_len)
+        active = np.ones((batch,), bool) if active is None else np.asarray(active, bool)
+        budget = np.full((batch,), max_new_tokens, np.int32) if row_budget is None else np.asarray(row_budget, np.int32)
+        with self._mesh_ctx():
+            return self._decode(self.graphdef, self._state(model), cache, logits, rng, self._shard_batch(active),
+                                self._shard_batch(budget), jnp.int32(capacity), params=params,
+                                max_new=int(max_new_tokens), pad_id=self.pad_id)
 
     def generate(self, model, prompts: Sequence[Sequence[int]], *, params: SamplingParams, max_new_tokens: int,
                  rng: jax.Array, max_len: int | None = None) -> GenerateResult:
-        """One-shot generation for token-id prompts (ragged); pads the batch and lengths to compile buckets."""
-        if not prompts:
-            raise ValueError("Sampler.generate: empty prompt list")
+        """One-shot generation for ragged token-id prompts; the batch and lengths are padded to buckets."""
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("Sampler.generate: need a non-empty list of non-empty prompts")
         n = len(prompts)
-        batch = -(-n // self.batch_multiple) * self.batch_multiple
+        batch = self.padded_batch(n)
         longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("Sampler.generate: every prompt needs at least one token")
-        chunk = bucket_length(longest)
         max_len = max_len or bucket_length(longest + max_new_tokens)
-        if longest > max_len:
-            raise ValueError(f"Sampler.generate: prompt of {longest} tokens exceeds max_len {max_len}")
-        ids = np.full((batch, chunk), self.pad_id, np.int32)
-        mask = np.zeros((batch, chunk), np.int32)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-            mask[b, : len(p)] = 1
-        # padded-out batch rows get a single dummy token so every row has a valid last position
-        mask[n:, 0] = 1
-        cache = self.init_cache(batch, max(max_len, chunk))
-        cache, logits = self.prefill(model, cache, ids, mask)
-        active = np.arange(batch) < n
-        out = self.decode(model, cache, logits, rng, params=params, max_new_tokens=max_new_tokens, active=active)
+        if longest >= max_len:
+            raise ValueError(f"Sampler.generate: prompt of {longest} tokens leaves no room in max_len {max_len}")
+        state = self._state(model)
+        rows = [list(p) for p in prompts] + [[self.pad_id]] * (batch - n)  # dummy rows: one pad token
+        cache, logits = self.append(state, self.init_cache(batch, max_len), rows)
+        out = self.decode(state, cache, logits, rng, params=params, max_new_tokens=max_new_tokens, max_len=max_len,
+                          active=np.arange(batch) < n)
         host = jax.device_get((out.tokens, out.logprobs, out.sample_logprobs, out.num_tokens, out.finish_reason))
         toks, lps, slps, num, reason = (np.asarray(a)[:n] for a in host)
         return GenerateResult(toks, lps, slps, num, [FINISH_REASONS[int(r)] for r in reason])

@@ -1,0 +1,49 @@
+"""Qwen3-8B student with the AgenticQwen reference recipe (GRPO, G=16, 64 tasks/step, lr 1e-6, clip 0.2/0.28).
+
+    python -m agq_jax.train --config=configs/8b.py                   # default layout: v5p-32
+    python -m agq_jax.train --config=configs/8b.py:h100x8            # one 8xH100 node
+
+`model.hf_path` is a local HF directory (config.json + safetensors), relative to the working directory.
+"""
+import importlib.util
+import pathlib
+import sys
+
+
+def _reference():
+    """configs/_reference.py, loaded by path: ml_collections execs config files outside any package."""
+    name = "agq_jax_configs__reference"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("_reference.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+ref = _reference()
+Layout = ref.Layout
+
+PRESET = "Qwen3-8B"
+HF_PATH = "checkpoints/Qwen3-8B"
+DEFAULT_LAYOUT = "v5p-32"
+
+# 8.2B params: fp32 master + grads + AdamW = ~131 GB, sharded by FSDP. The 32 query heads of a 14k-token
+# row make ~66 GB of attention scores on the XLA path, so heads are split over `tensor` (inside a host /
+# over NVLink) and each device trains one row per micro-batch.
+MESH_LAYOUTS = {
+    "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=4,
+                     note="16 chips / 4 hosts; ~8 GB of training state per chip"),
+    "v5p-16": Layout("tpu-v5p", 8, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=2,
+                     note="8 chips / 2 hosts; ~16 GB of training state per chip"),
+    "v6e-32": Layout("tpu-v6e", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=8,
+                     note="32 chips x 32 GB; ~4 GB of training state per chip"),
+    "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_size=4,
+                     note="one 8xH100 node; ~16 GB of training state per GPU"),
+    "h100x16": Layout("h100", 16, dict(data=2, fsdp=-1, tensor=2, expert=1), micro_batch_size=8,
+                      note="two nodes: data parallel across nodes, FSDP + tensor over NVLink inside each"),
+}
+
+
+def get_config(layout: str | None = None):
+    return ref.build("8b", PRESET, HF_PATH, MESH_LAYOUTS, layout or DEFAULT_LAYOUT)
