@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test install clean bench
 
+include mk/sglang.mk
+
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -20,7 +22,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m agq_jax.demo
 
-test: $(STAMP)
+# The suite includes a real SGLang (sglang-jax, CPU) teacher server, so it needs .venv-sglang too.
+test: $(STAMP) $(SGLANG_STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
