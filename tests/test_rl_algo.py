@@ -1,0 +1,181 @@
+"""GRPO math against values worked out by hand / with plain numpy formulas."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agq_jax.rl import algo
+from agq_jax.rl.batch import attach_advantages, collate, validate_batch
+
+
+def test_grpo_advantages_hand_values():
+    r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    # group 0: mean 0.5, unbiased std sqrt(4*0.25/3) = 0.57735
+    a = np.asarray(algo.compute_advantages(r, "grpo", eps=0.0))
+    np.testing.assert_allclose(a[0], [0.866025, -0.866025, -0.866025, 0.866025], rtol=1e-5)
+    a = np.asarray(algo.compute_advantages(r, "grpo"))
+    np.testing.assert_allclose(a[1], 0.0, atol=1e-7)  # zero-variance group: no signal, no NaN
+    a_pop = np.asarray(algo.compute_advantages(r, "grpo", std_ddof=0, eps=0.0))
+    np.testing.assert_allclose(a_pop[0], [1, -1, -1, 1], rtol=1e-6)
+    a_nostd = np.asarray(algo.compute_advantages(r, "grpo", std_normalize=False))
+    np.testing.assert_allclose(a_nostd[0], [0.5, -0.5, -0.5, 0.5])
+    np.testing.assert_allclose(np.asarray(algo.compute_advantages(r, "drgrpo")), a_nostd)
+    # rloo: r_i - mean of the others; [1,0,0,1] -> 1 - 1/3, 0 - 2/3
+    rl = np.asarray(algo.compute_advantages(r, "rloo"))
+    np.testing.assert_allclose(rl[0], [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
+    with pytest.raises(ValueError, match="num_groups, group_size"):
+        algo.compute_advantages(np.zeros(4), "grpo")
+    with pytest.raises(KeyError, match="registered"):
+        algo.compute_advantages(r, "nope")
+
+
+def test_ppo_clip_both_sides_and_dual_clip():
+    # one row, 5 tokens; last token masked out
+    logp = np.log(np.array([[1.5, 0.5, 1.1, 0.7, 9.0]]))
+    old = np.zeros((1, 5))
+    mask = np.array([[1, 1, 1, 1, 0]], np.float32)
+    for adv, exp_loss, exp_low, exp_high in [
+        # A>0: min(r A, clip(r) A) -> r=1.5 clipped at 1.28; r=0.5 unclipped (min picks 0.5)
+        (1.0, [-1.28, -0.5, -1.1, -0.7, 0.0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]),
+        # A<0: max(r, clip(r)) -> r=0.5, 0.7 -> 0.8 (low clip active); r=1.5 stays 1.5
+        (-1.0, [1.5, 0.8, 1.1, 0.8, 0.0], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0]),
+    ]:
+        out = algo.policy_loss("ppo_clip", logp, old, np.array([adv]), mask)
+        np.testing.assert_allclose(np.asarray(out.loss)[0], exp_loss, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out.clipped_low)[0], exp_low)
+        np.testing.assert_array_equal(np.asarray(out.clipped_high)[0], exp_high)
+    # dual clip (c=3): with A=-1 a ratio of 5 costs at most 3
+    out = algo.policy_loss("ppo_clip", np.log([[5.0, 2.0]]), np.zeros((1, 2)), np.array([-1.0]),
+                           np.ones((1, 2)), dual_clip_c=3.0)
+    np.testing.assert_allclose(np.asarray(out.loss)[0], [3.0, 2.0], rtol=1e-6)
+    # the clipped side has zero gradient, the unclipped side gradient -A * r
+    g = jax.grad(lambda lp: algo.policy_loss("ppo_clip", lp, old, np.array([1.0]), mask).loss.sum())(
+        jnp.asarray(logp, jnp.float32))
+    np.testing.assert_allclose(np.asarray(g)[0], [0.0, -0.5, -1.1, -0.7, 0.0], rtol=1e-5)
+
+
+def test_aggregation_modes_hand_values():
+    v = np.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]])
+    m = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)  # row 2 has no policy token
+    assert float(algo.aggregate("token-mean", v, m)) == pytest.approx(10 / 4)
+    assert float(algo.aggregate("seq-mean-token-mean", v, m)) == pytest.approx((2.0 + 4.0) / 2)
+    assert float(algo.aggregate("seq-mean-token-sum", v, m)) == pytest.approx((6.0 + 4.0) / 2)
+    assert float(algo.aggregate("drgrpo", v, m)) == pytest.approx(10 / (3 * 4))
+    assert float(algo.aggregate("drgrpo", v, m, norm_len=10)) == pytest.approx(10 / 30)
+    # (numerator, denominator) splits add up: two halves give the full-batch value
+    parts = [algo.aggregate_parts("token-mean", v[s], m[s]) for s in (slice(0, 1), slice(1, 3))]
+    assert float(sum(p[0] for p in parts) / sum(p[1] for p in parts)) == pytest.approx(10 / 4)
+
+
+def test_kl_estimators_hand_values():
+    logp = np.array([np.log(0.5), np.log(0.2)])
+    ref = np.array([np.log(0.25), np.log(0.4)])
+    log_r = ref - logp  # [-ln 2, ln 2]
+    np.testing.assert_allclose(np.asarray(algo.kl_estimate("k1", logp, ref)), -log_r, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(algo.kl_estimate("k2", logp, ref)), 0.5 * log_r**2, rtol=1e-6)
+    # k3 = r - 1 - log r: r = 0.5 -> 0.5 - 1 + ln 2; r = 2 -> 2 - 1 - ln 2
+    np.testing.assert_allclose(np.asarray(algo.kl_estimate("k3", logp, ref)),
+                               [np.log(2) - 0.5, 1 - np.log(2)], rtol=1e-5)
+    # unbiasedness of k3 and k1 on a discrete distribution: E_pi[k] = KL(pi || ref)
+    pi, rf = np.array([0.7, 0.2, 0.1]), np.array([0.3, 0.3, 0.4])
+    kl = float((pi * np.log(pi / rf)).sum())
+    for name in ("k1", "k3"):
+        est = float((pi * np.asarray(algo.kl_estimate(name, np.log(pi), np.log(rf)))).sum())
+        assert est == pytest.approx(kl, rel=1e-5)
+
+
+def test_gspo_sequence_ratio_and_clip():
+    logp = np.array([[0.0, -1.0, -2.0, -3.0], [0.0, -1.0, -1.0, 0.0]])
+    old = np.array([[0.0, -1.0002, -2.0004, -9.0], [0.0, -1.1, -0.9, 0.0]])
+    mask = np.array([[0, 1, 1, 0], [0, 1, 1, 0]], np.float32)
+    adv = np.array([1.0, -1.0])
+    out = algo.policy_loss("gspo", logp, old, adv, mask)
+    # row 0: mean log ratio 3e-4 -> s = e^{3e-4} ≈ 1.0003 (inside 1+4e-4, unclipped)
+    s0 = np.exp(3e-4)
+    np.testing.assert_allclose(np.asarray(out.ratio)[0], [0, s0, s0, 0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.loss)[0], [0, -s0, -s0, 0], rtol=1e-6)
+    # row 1: mean log ratio 0 -> s = 1, A<0 -> loss 1 on each policy token, nothing clipped
+    np.testing.assert_allclose(np.asarray(out.loss)[1], [0, 1, 1, 0], rtol=1e-6)
+    assert float(np.asarray(out.clipped_low).sum() + np.asarray(out.clipped_high).sum()) == 0
+    # a large sequence ratio is clipped as a whole: s = e^{0.1}, A>0 -> 1 + 4e-4 on every token
+    out = algo.policy_loss("gspo", logp, logp - 0.1, np.array([1.0, 1.0]), mask)
+    np.testing.assert_allclose(np.asarray(out.loss)[0], [0, -1.0004, -1.0004, 0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.clipped_high), mask)
+
+    # gradient = s * A * mean_t grad logp_t under seq-mean-token-mean (the GSPO gradient)
+    def f(lp):
+        o = algo.policy_loss("gspo", lp, old, adv, mask)
+        return algo.aggregate("seq-mean-token-mean", o.loss, mask)
+    g = np.asarray(jax.grad(f)(jnp.asarray(logp, jnp.float32)))
+    np.testing.assert_allclose(g[0], [0, -s0 / 2 / 2, -s0 / 2 / 2, 0], rtol=1e-5)  # 1/|y|=1/2, 1/G=1/2
+    np.testing.assert_allclose(g[1], [0, 0.25, 0.25, 0], rtol=1e-5)
+
+
+def test_masks_zero_out_padding_and_non_policy_tokens():
+    rng = np.random.default_rng(0)
+    logp, old = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    mask = (rng.random((3, 6)) > 0.5).astype(np.float32)
+    garbage = np.where(mask > 0, logp, 1e6)  # huge values outside the mask must not leak in
+    a = algo.policy_loss("ppo_clip", logp, old, np.ones(3), mask)
+    b = algo.policy_loss("ppo_clip", garbage, old, np.ones(3), mask)
+    np.testing.assert_allclose(np.asarray(a.loss), np.asarray(b.loss))
+    assert np.all(np.asarray(b.loss)[mask == 0] == 0)
+
+
+def test_entropy_dynamic_sampling_overlong():
+    z = np.log(np.array([[0.5, 0.25, 0.25]]))
+    assert float(algo.entropy_from_logits(z)[0]) == pytest.approx(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25)))
+    r = np.array([[1, 1, 1], [0, 1, 0], [0, 0, 0], [0.2, 0.2, 0.3]])
+    keep, frac = algo.dynamic_sampling_filter(r)
+    np.testing.assert_array_equal(keep, [1, 3])
+    assert frac == 0.5
+    lm = np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(algo.overlong_filter(lm, [False, True, False]).sum(1), [4, 0, 4])
+    np.testing.assert_allclose(algo.overlong_soft_penalty([10, 90, 95, 100, 120], 100, 20),
+                               [0, -0.5, -0.75, -1.0, -1.0])
+
+
+def test_collate_and_advantages_batch():
+    samples = [{"token_ids": [5, 6, 7], "loss_mask": [0, 1, 1], "logprobs": [0, -0.1, -0.2]},
+               {"token_ids": [5, 6], "loss_mask": [1, 1], "logprobs": [-9, -0.3]}]
+    b = collate(samples, pad_id=0, pad_to_multiple=4)
+    np.testing.assert_array_equal(b["input_ids"], [[5, 6, 7, 0], [5, 6, 0, 0]])
+    np.testing.assert_array_equal(b["loss_mask"], [[0, 1, 1, 0], [0, 1, 0, 0]])  # column 0 never scored
+    np.testing.assert_allclose(b["old_logprobs"][1], [-9, -0.3, 0, 0])
+    b = attach_advantages(b, [[1.0, 0.0]], "grpo", std_ddof=0, eps=0.0)
+    np.testing.assert_allclose(b["advantages"], [1.0, -1.0])
+    assert validate_batch(b) == (2, 4)
+    bad = dict(b, loss_mask=np.ones((2, 4)))
+    with pytest.raises(ValueError, match="padding"):
+        validate_batch(bad)
+    with pytest.raises(ValueError, match="advantages"):
+        validate_batch(dict(b, advantages=np.ones(3)))
+
+
+def test_optimizer_schedule_clipping_and_decay_mask():
+    import optax
+    from agq_jax.rl.optim import OptimConfig, make_optimizer, make_schedule
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=10, decay="cosine", total_steps=110, min_lr_ratio=0.1)
+    sched = make_schedule(cfg)
+    assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(5e-4)
+    assert float(sched(10)) == pytest.approx(1e-3)
+    # halfway through the cosine: lr * (alpha + (1 - alpha) * 0.5)
+    assert float(sched(60)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-5)
+    assert float(sched(110)) == pytest.approx(1e-4, rel=1e-5)
+    lin = make_schedule(OptimConfig(learning_rate=1.0, decay="linear", total_steps=4))
+    assert [float(lin(i)) for i in range(5)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    with pytest.raises(ValueError, match="decay"):
+        OptimConfig(decay="step")
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    tx = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=1.0))
+    state = tx.init(params)
+    # zero gradients: only decoupled weight decay moves params, and only matrices
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    new = optax.apply_updates(params, upd)
+    np.testing.assert_allclose(new["w"], 1 - 0.1 * 0.5)
+    np.testing.assert_allclose(new["scale"], 1.0)
+    # a huge gradient reaches Adam clipped to global norm 1: its first moment is (1 - b1) * clipped g
+    big = {"w": jnp.full((2, 2), 100.0), "scale": jnp.full((2,), 100.0)}
+    _, st = tx.update(big, state, params)
+    mu = [s.mu for s in jax.tree.leaves(st, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
+    assert float(optax.global_norm(mu)) == pytest.approx(0.1 * 1.0, rel=1e-4)

@@ -1,0 +1,107 @@
+"""Two CPU processes on localhost (jax.distributed + gloo collectives), each feeding half of the batch,
+take the same GRPO steps as one process with the whole batch."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+B, T, VOCAB, ROUNDS = 8, 16, 128, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(mesh=None):
+    from flax import nnx
+    from agq_jax.models import qwen3
+    from agq_jax.models.sharding import shard_model
+    from agq_jax.rl.optim import OptimConfig
+    from agq_jax.rl.step import LossConfig, StepConfig, Trainer
+    cfg = qwen3.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    if mesh is not None:
+        model = shard_model(model, mesh)
+    return Trainer(model, OptimConfig(learning_rate=3e-3), LossConfig(logprob_chunk=8),
+                   StepConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=2), mesh=mesh)
+
+
+def global_batch(r: int):
+    rng = np.random.default_rng(100 + r)
+    lens = rng.integers(T // 2, T + 1, B)
+    am = (np.arange(T)[None] < lens[:, None]).astype(np.int32)
+    return {"input_ids": (rng.integers(0, VOCAB, (B, T)) * am).astype(np.int32), "attention_mask": am,
+            "loss_mask": (am * (np.arange(T)[None] >= 3)).astype(np.float32),
+            "advantages": rng.normal(size=B).astype(np.float32),
+            "noise": (0.05 * rng.normal(size=(B, T))).astype(np.float32)}
+
+
+def run(trainer, rows):
+    """ROUNDS rollout batches; old log-probs = the trainer's own (perturbed like a bf16 sampler)."""
+    out = []
+    for r in range(ROUNDS):
+        batch = {k: v[rows] for k, v in global_batch(r).items()}
+        lp, _ = trainer.compute_logprobs(batch)
+        batch["old_logprobs"] = ((lp + batch.pop("noise")) * batch["loss_mask"]).astype(np.float32)
+        out.append(trainer.train_batch(batch))
+    return out
+
+
+def test_two_process_step_equals_one_process(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("two-process workers timed out")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+    single = build()
+    expected = run(single, slice(0, B))
+    got = [json.loads((tmp_path / f"metrics{i}.json").read_text()) for i in range(2)]
+    assert got[0] == got[1]  # both processes report the same global metrics
+    for e, g in zip(expected, got[0]):
+        for k in ("loss", "pg_loss", "grad_norm", "tokens", "entropy", "logprob_diff", "clip_frac"):
+            assert g[k] == pytest.approx(e[k], rel=1e-4, abs=1e-6), k
+    params = np.load(tmp_path / "params.npz")
+    import jax
+    for i, leaf in enumerate(jax.tree.leaves(single.state.params)):
+        np.testing.assert_allclose(params[f"p{i}"], np.asarray(leaf), atol=2e-5)
+
+
+if __name__ == "__main__":  # one of the two worker processes
+    port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    import jax
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=300)
+    from jax.experimental import multihost_utils
+    from agq_jax.models.sharding import MeshConfig, make_mesh
+    assert jax.process_count() == 2 and jax.device_count() == 2
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2))  # batch and params both split across the processes
+    with jax.set_mesh(mesh):
+        trainer = build(mesh)
+    half = B // 2
+    metrics = run(trainer, slice(pid * half, (pid + 1) * half))
+    with open(os.path.join(out, f"metrics{pid}.json"), "w") as f:
+        json.dump(metrics, f)
+    leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(trainer.state.params)]
+    if pid == 0:
+        np.savez(os.path.join(out, "params.npz"), **{f"p{i}": a for i, a in enumerate(leaves)})
+    jax.distributed.shutdown()
