@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test install clean bench
 
 include mk/sglang.mk
+.DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,129 @@
+"""MoE pieces: ragged_dot / tiled dispatch == dense oracle (values and gradients), router and aux loss == HF."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter, load_balancing_loss_func
+
+from _tiny import random_model
+from agq_jax.models import moe, qwen3
+
+N, H, I, E, K = 24, 16, 8, 6, 2
+
+
+@pytest.fixture(scope="module")
+def expert_inputs():
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (N, H))
+    router = jax.random.normal(ks[1], (H, E))
+    wg = 0.3 * jax.random.normal(ks[2], (E, H, I))
+    wu = 0.3 * jax.random.normal(ks[3], (E, H, I))
+    wd = 0.3 * jax.random.normal(ks[4], (E, I, H))
+    return x, router, wg, wu, wd
+
+
+@pytest.mark.parametrize("impl,norm_topk_prob", [("ragged", True), ("ragged", False), ("tiled", True)])
+def test_sorted_dispatch_equals_dense_values_and_grads(expert_inputs, impl, norm_topk_prob):
+    x, router, wg, wu, wd = expert_inputs
+
+    def make(impl):
+        @jax.jit
+        def f(x, router, wg, wu, wd):
+            _, top_w, top_i = moe.route(x, router, K, norm_topk_prob)
+            y = impl(x, top_i, top_w, wg, wu, wd)
+            return jnp.sum(jnp.sin(y)), y
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+    (loss_r, y_r), g_r = make(moe.EXPERT_IMPLS[impl])(x, router, wg, wu, wd)
+    (loss_d, y_d), g_d = make(moe.experts_dense)(x, router, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y_r), np.asarray(y_d), atol=1e-5)
+    np.testing.assert_allclose(float(loss_r), float(loss_d), rtol=1e-5)
+    for a, b in zip(g_r, g_d):
+        assert np.abs(np.asarray(b)).max() > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sorted_dispatch_handles_empty_experts(expert_inputs):
+    """Every token routed to the same two experts: other groups are empty and must contribute nothing."""
+    x, _, wg, wu, wd = expert_inputs
+    top_i = jnp.tile(jnp.array([[4, 1]], jnp.int32), (N, 1))
+    top_w = jnp.full((N, 2), 0.5)
+    ref = np.asarray(moe.experts_dense(x, top_i, top_w, wg, wu, wd))
+    for impl in (moe.experts_ragged, moe.experts_tiled):
+        np.testing.assert_allclose(np.asarray(impl(x, top_i, top_w, wg, wu, wd)), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,tile", [(1, None), (7, 1), (40, 4), (40, 64)])
+def test_tiled_grouped_matmul_equals_ragged_dot(m, tile):
+    rng = np.random.RandomState(m)
+    sizes = rng.multinomial(m, np.ones(E) / E).astype(np.int32)
+    x, w = jnp.asarray(rng.randn(m, H), jnp.float32), jnp.asarray(rng.randn(E, H, I), jnp.float32)
+    np.testing.assert_allclose(np.asarray(moe.grouped_matmul_tiled(x, w, jnp.asarray(sizes), tile)),
+                               np.asarray(jax.lax.ragged_dot(x, w, jnp.asarray(sizes))), atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_router_matches_hf(expert_inputs, norm_topk_prob):
+    x, router, *_ = expert_inputs
+    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, norm_topk_prob=norm_topk_prob)
+    hf = Qwen3MoeTopKRouter(cfg)
+    with torch.no_grad():
+        hf.weight.copy_(torch.tensor(np.asarray(router).T))
+        logits, scores, idx = hf(torch.tensor(np.asarray(x)))
+    probs, top_w, top_i = moe.route(x, router, K, norm_topk_prob)
+    np.testing.assert_array_equal(np.asarray(top_i), idx.numpy())
+    np.testing.assert_allclose(np.asarray(top_w), scores.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(probs), torch.softmax(logits, -1).numpy(), atol=1e-6)
+
+
+def test_load_balancing_loss_matches_hf_with_mask():
+    """Stats pooled over layers, padding excluded: equals transformers' load_balancing_loss_func."""
+    rng = np.random.RandomState(0)
+    layers, b, t = 3, 2, 5
+    gate_logits = [rng.randn(b * t, E).astype(np.float32) for _ in range(layers)]
+    mask = np.ones((b, t), np.int64)
+    mask[0, 3:] = 0
+    ref = load_balancing_loss_func(tuple(torch.tensor(g) for g in gate_logits), E, K, torch.tensor(mask))
+    stats = moe.RouterStats.zeros(E)
+    for g in gate_logits:
+        probs = jax.nn.softmax(jnp.asarray(g), -1)
+        _, top_i = jax.lax.top_k(probs, K)
+        stats = stats + moe.router_stats(probs, top_i, jnp.asarray(mask.reshape(-1)))
+    np.testing.assert_allclose(float(moe.load_balancing_loss(stats, E)), float(ref), rtol=1e-6)
+    ref_nomask = load_balancing_loss_func(tuple(torch.tensor(g) for g in gate_logits), E, K, None)
+    stats = moe.RouterStats.zeros(E)
+    for g in gate_logits:
+        probs = jax.nn.softmax(jnp.asarray(g), -1)
+        stats = stats + moe.router_stats(probs, jax.lax.top_k(probs, K)[1], jnp.ones(b * t))
+    np.testing.assert_allclose(float(moe.load_balancing_loss(stats, E)), float(ref_nomask), rtol=1e-6)
+
+
+def test_model_level_ragged_equals_dense_oracle():
+    """Whole MoE model: moe_impl='ragged' and 'dense' agree in logits, aux loss and every param gradient."""
+    cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, model_type="qwen3_moe",
+                            num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I, initializer_range=0.2)
+    state = nnx.state(random_model(cfg, seed=1))
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 6)))
+
+    def run(impl):
+        graphdef = nnx.graphdef(nnx.eval_shape(
+            lambda: qwen3.Qwen3ForCausalLM(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(0))))
+
+        @jax.jit
+        def f(st):
+            def loss(s):
+                out = nnx.merge(graphdef, s)(ids)
+                return jnp.sum(jnp.tanh(out.logits)) + 100.0 * out.aux_loss, out.logits
+            return jax.value_and_grad(loss, has_aux=True)(st)
+        return f(state)
+
+    (l_r, logits_r), g_r = run("ragged")
+    (l_d, logits_d), g_d = run("dense")
+    np.testing.assert_allclose(np.asarray(logits_r), np.asarray(logits_d), atol=1e-5)
+    np.testing.assert_allclose(float(l_r), float(l_d), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_d)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)  # fp32 summation order
