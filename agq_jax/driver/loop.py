@@ -1,0 +1,407 @@
+"""The flywheel driver: rounds of data -> (SFT) -> GRPO -> held-out eval -> failures -> expansion.
+
+Progress is a sequence of numbered units (`global_step`): every SFT step, every GRPO step, and one
+boundary unit after SFT and after each round (where evaluations are logged). A checkpoint taken after
+unit g holds the train state (params, optimizer, step, RNG) and, in its metadata, the round, phase,
+step within the phase, data-stream positions and the failures seen so far; every log record with
+global_step <= g is final. Resuming restores the latest checkpoint, truncates the logs past it and
+re-runs the tail: rollouts, data order and evaluation are pure functions of that state, so a killed and
+resumed run logs exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from agq_jax.driver import data as D
+from agq_jax.driver.evaluate import episode_for_failure, evaluate, headline
+from agq_jax.driver.logs import MetricsLogger, round_summary
+from agq_jax.driver.policy import Policy, build_model, export_hf, make_mesh
+from agq_jax.driver.sft import build_sft_examples, sft_batch
+from agq_jax.driver.vocab import SpecialIds, load_run_tokenizer
+
+MAX_FAILURES_KEPT = 256
+
+
+class StopRequested(Exception):
+    """Raised by `stop_after` (tests: simulate a kill after a given global step)."""
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+class Driver:
+    def __init__(self, cfg, *, stop_after: Optional[int] = None, progress: bool = True, tokenizer=None,
+                 train_items: Optional[list] = None, heldout_items: Optional[list] = None):
+        """`tokenizer` (with cfg.tokenizer.kind="procedural") replaces the trained BPE and is saved into the
+        run dir; `train_items` / `heldout_items` replace the flywheel datasets / the held-out set (tests)."""
+        self.cfg = cfg
+        self.run_dir = os.path.abspath(cfg.run_dir or os.path.join("runs", cfg.name))
+        self.is_writer = jax.process_index() == 0
+        self.stop_after = stop_after
+        self.progress = progress and bool(cfg.get("verbose", True)) and self.is_writer
+        os.makedirs(self.run_dir, exist_ok=True)
+        if tokenizer is not None:
+            if cfg.tokenizer.kind != "procedural":
+                raise ValueError("Driver(tokenizer=...) needs config tokenizer.kind='procedural'")
+            if self.is_writer and not os.path.isfile(os.path.join(self.run_dir, "tokenizer", "tokenizer.json")):
+                tokenizer.save_pretrained(os.path.join(self.run_dir, "tokenizer"))
+        self.train_items = train_items
+        self.tok = tokenizer if tokenizer is not None else load_run_tokenizer(cfg, self.run_dir, is_writer=self.is_writer)
+        self.ids = SpecialIds.of(self.tok)
+        self.mesh = make_mesh(cfg)
+        self.model = build_model(cfg, self.tok, self.ids, self.mesh)
+        self.policy = Policy(cfg, self.model, self.tok, self.ids, self.mesh)
+        from agq_jax.rl.checkpoint import CheckpointManager
+
+        ck = cfg.checkpoint
+        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), max_to_keep=int(ck.keep),
+                                      async_save=bool(ck.async_save))
+        self.trainer = None
+        self.phase_kind = None  # "sft" | "grpo": which optimizer the trainer holds
+        self.meta = {"round": 0, "phase": "round_start", "sft_step": 0, "grpo_step": 0, "cursors": {},
+                     "global_step": 0, "failed": {}, "evals": {}}
+        resume = self.ckpt.latest_step()
+        if resume is not None:
+            self._restore(resume)
+        self.log = MetricsLogger(self.run_dir, enabled=self.is_writer, resume_step=resume if resume is not None else None)
+        self.heldout = heldout_items if heldout_items is not None else D.heldout_items(cfg)
+
+    # ------------------------------------------------------------------ trainers and checkpoints
+    def _make_trainer(self, kind: str):
+        from agq_jax.rl.optim import OptimConfig
+        from agq_jax.rl.step import LossConfig, StepConfig, Trainer
+
+        c, rl = self.cfg, self.cfg.rl
+        if kind == "sft":
+            s = c.sft
+            optim = OptimConfig(learning_rate=float(s.learning_rate), warmup_steps=int(s.warmup_steps),
+                                decay=str(s.get("decay", "constant")), total_steps=max(int(s.steps), 1),
+                                weight_decay=float(c.optim.weight_decay),
+                                max_grad_norm=float(c.optim.max_grad_norm) if c.optim.max_grad_norm else None)
+            loss = LossConfig(stage="sft", loss_agg=str(s.get("loss_agg", "token-mean")),
+                              logprob_chunk=int(rl.logprob_chunk))
+            steps = StepConfig(ppo_epochs=1, mini_batch_size=None, micro_batch_size=int(s.get("micro_batch_size", 0)) or None,
+                               shuffle=False, seed=int(c.seed))
+        else:
+            o = c.optim
+            total = max(int(rl.steps_per_round) * int(c.rounds) * self._updates_per_step(), 1)
+            optim = OptimConfig(learning_rate=float(o.learning_rate), warmup_steps=int(o.warmup_steps),
+                                decay=str(o.decay), total_steps=total, min_lr_ratio=float(o.min_lr_ratio),
+                                b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay),
+                                max_grad_norm=float(o.max_grad_norm) if o.max_grad_norm else None)
+            loss = LossConfig(stage="grpo", policy_loss=str(rl.policy_loss), clip_low=float(rl.clip_low),
+                              clip_high=float(rl.clip_high), loss_agg=str(rl.loss_agg), kl_coef=float(rl.kl_coef),
+                              kl_estimator=str(rl.kl_estimator), entropy_coef=float(rl.entropy_coef),
+                              temperature=self._loss_temperature(), logprob_chunk=int(rl.logprob_chunk))
+            g = int(rl.group_size)
+            steps = StepConfig(ppo_epochs=int(rl.ppo_epochs), mini_batch_size=int(rl.mini_batch_size) * g,
+                               micro_batch_size=(int(rl.micro_batch_size) or None), shuffle=True, seed=int(c.seed))
+        tr = Trainer(self.model, optim, loss, steps, mesh=self.mesh, seed=int(c.seed) + (0 if kind == "grpo" else 1))
+        self.trainer, self.phase_kind = tr, kind
+        return tr
+
+    def _updates_per_step(self) -> int:
+        rl = self.cfg.rl
+        return int(rl.ppo_epochs) * max(int(rl.tasks_per_step) // max(int(rl.mini_batch_size), 1), 1)
+
+    def _loss_temperature(self) -> float:
+        rl = self.cfg.rl
+        plain = int(rl.top_k) == 0 and float(rl.top_p) >= 1.0
+        return float(rl.temperature) if plain else 1.0
+
+    def _sync_model(self):
+        self.model = self.trainer.model()
+        self.policy.model = self.model
+
+    def _save(self):
+        meta = dict(self.meta, trainer=self.phase_kind)
+        self.ckpt.save(int(self.meta["global_step"]), {"train": self.trainer.state}, meta, force=True)
+
+    def _restore(self, step: int):
+        # SFT and GRPO trainers share the state structure (same optimizer chain), so restore into a GRPO
+        # trainer, read which one was running from the metadata and hand the state to that kind.
+        self._make_trainer("grpo")
+        trees, meta = self.ckpt.restore({"train": self.trainer.state}, step)
+        kind = meta.pop("trainer", None) or "grpo"
+        if kind != "grpo":
+            self._make_trainer(kind)
+        self.trainer.state = trees["train"]
+        self.meta.update(meta)
+        self._sync_model()
+        if self.progress:
+            print(f"[resume] global step {step}: round {self.meta['round']}, phase {self.meta['phase']}, "
+                  f"sft step {self.meta['sft_step']}, grpo step {self.meta['grpo_step']}", flush=True)
+
+    def _tick(self):
+        self.meta["global_step"] += 1
+
+    def _maybe_stop(self):
+        if self.stop_after is not None and self.meta["global_step"] >= self.stop_after:
+            self.ckpt.wait()
+            raise StopRequested(self.meta["global_step"])
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        """Run (or resume) every round; returns {"evals": {tag: headline}, "export": path}."""
+        cfg = self.cfg
+        export = None
+        try:
+            while self.meta["round"] < int(cfg.rounds):
+                export = self._run_round(int(self.meta["round"]))
+        finally:
+            self.ckpt.wait()
+            self.log.close()
+            self.policy.close()
+        return {"evals": self.meta["evals"], "export": export or self._export_path(int(cfg.rounds) - 1)}
+
+    def _export_path(self, r: int) -> str:
+        return os.path.join(self.run_dir, "export", f"round_{r}")
+
+    def _sft_this_round(self, r: int) -> bool:
+        s = self.cfg.sft
+        return bool(s.enabled) and int(s.steps) > 0 and (s.rounds == "every" or r == 0)
+
+    def _run_round(self, r: int) -> str:
+        cfg, m = self.cfg, self.meta
+        t0 = time.time()
+        if self.train_items is not None:
+            agentic = [it for it in self.train_items if it.kind == D.AGENTIC]
+            reasoning = [it for it in self.train_items if it.kind == D.REASONING]
+        else:
+            failures = self._read_failures(r)
+            agentic, reasoning, _ = D.build_round_dataset(cfg, self.run_dir, r, failures, is_writer=self.is_writer)
+        if cfg.data.get("accumulate", True) and self.train_items is None:
+            for prev in range(r):
+                a, q, _ = D.build_round_dataset(cfg, self.run_dir, prev, None, is_writer=False)
+                agentic, reasoning = a + agentic, q + reasoning
+        doms = set(cfg.data.domains or ())
+        if doms:
+            agentic = [it for it in agentic if it.obj.domain in doms]
+        pools = {D.AGENTIC: agentic, D.REASONING: reasoning}
+        counts = {"agentic": len(agentic), "reasoning": len(reasoning),
+                  "with_gold": sum(bool(it.gold) for it in agentic + reasoning)}
+        if m["phase"] == "round_start":
+            m.update(phase="sft" if self._sft_this_round(r) else "grpo", sft_step=0, grpo_step=0, cursors={})
+            if m["phase"] == "grpo" and self.phase_kind != "grpo":
+                self._make_trainer("grpo")
+        if m["phase"] == "sft":
+            self._run_sft(r, agentic + reasoning)
+        grpo_rows = self._run_grpo(r, pools)
+        res = evaluate(self.policy, self.heldout, cfg, tag=f"round{r}")
+        m["evals"][f"round{r}"] = headline(res)
+        export = self._export_path(r)
+        if self.is_writer and cfg.export.every_round:
+            export_hf(self.model, cfg, self.run_dir, export)
+        self._write_failures(r + 1, pools)
+        self._tick()
+        self.log.log("eval", m["global_step"], res["flat"], round=r, tag=f"round{r}")
+        summary = round_summary(r, grpo_rows, {k: v for k, v in self._round_evals(r, res).items()}, counts,
+                                time.time() - t0)
+        if self.progress:
+            print(summary, flush=True)
+        if self.is_writer:
+            with open(os.path.join(self.run_dir, f"summary_round_{r}.txt"), "w") as f:
+                f.write(summary + "\n")
+            _atomic_json(os.path.join(self.run_dir, "evals.json"), m["evals"])
+        m.update(round=r + 1, phase="round_start", sft_step=0, grpo_step=0, cursors={}, failed={})
+        self._save()
+        self._maybe_stop()
+        return export
+
+    def _round_evals(self, r: int, final: dict) -> dict:
+        out = {}
+        if getattr(self, "_sft_eval", None) is not None and self._sft_eval[0] == r:
+            out["after SFT"] = self._sft_eval[1]
+        out["after GRPO"] = final
+        return out
+
+    # ------------------------------------------------------------------ SFT
+    def _run_sft(self, r: int, items: list[D.Item]):
+        cfg, m = self.cfg, self.meta
+        s = cfg.sft
+        examples = build_sft_examples(items, self.tok, self.ids, cfg, max_len=int(cfg.rollout.max_len))
+        if not examples:
+            raise RuntimeError(f"round {r}: SFT is enabled but no item has verified gold replies that fit "
+                               f"rollout.max_len={cfg.rollout.max_len}")
+        if self.phase_kind != "sft":
+            self._make_trainer("sft")
+        bar = self._bar(int(s.steps), m["sft_step"], f"round {r} SFT")
+        while m["sft_step"] < int(s.steps):
+            t = time.time()
+            batch = sft_batch(examples, m["sft_step"], int(s.batch_size), int(cfg.seed), r, self.ids.pad,
+                              max_len=int(cfg.rollout.max_len))
+            stats = self.trainer.train_batch(batch, stage="sft")
+            m["sft_step"] += 1
+            self._tick()
+            stats = {f"sft/{k}": v for k, v in stats.items()}
+            stats["perf/step_s"] = time.time() - t
+            self.log.log("sft", m["global_step"], stats, round=r, step=m["sft_step"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.get('sft/loss', float('nan')):.3f}")
+            if m["sft_step"] % int(cfg.checkpoint.every_steps) == 0 or m["sft_step"] == int(s.steps):
+                self._save()
+            self._maybe_stop()
+        if bar is not None:
+            bar.close()
+        self._sync_model()
+        if cfg.eval.get("after_sft", True):
+            res = evaluate(self.policy, self.heldout, cfg, tag=f"round{r}_sft")
+            m["evals"][f"round{r}_sft"] = headline(res)
+            self._sft_eval = (r, res)
+        self._make_trainer("grpo")
+        m.update(phase="grpo", grpo_step=0, cursors={})
+        self._tick()
+        if cfg.eval.get("after_sft", True):
+            self.log.log("eval", m["global_step"], res["flat"], round=r, tag=f"round{r}_sft")
+        self._save()
+        self._maybe_stop()
+
+    # ------------------------------------------------------------------ GRPO
+    def _run_grpo(self, r: int, pools: dict) -> list[dict]:
+        cfg, m = self.cfg, self.meta
+        n_steps = int(cfg.rl.steps_per_round)
+        have = {k: len(v) for k, v in pools.items()}
+        streams = {k: D.TaskStream(v, int(cfg.seed), r, salt=i) for i, (k, v) in enumerate(pools.items()) if v}
+        rows = []
+        bar = self._bar(n_steps, m["grpo_step"], f"round {r} GRPO")
+        while m["grpo_step"] < n_steps:
+            t = time.time()
+            stats = self._grpo_step(r, streams, have)
+            m["grpo_step"] += 1
+            self._tick()
+            stats["perf/step_s"] = time.time() - t
+            self.log.log("grpo", m["global_step"], stats, round=r, step=m["grpo_step"])
+            rows.append(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", zv=f"{stats['grpo/zero_variance_frac']:.2f}")
+            if m["grpo_step"] % int(cfg.checkpoint.every_steps) == 0:
+                self._save()
+            self._maybe_stop()
+        if bar is not None:
+            bar.close()
+        return rows
+
+    def _draw(self, r: int, streams: dict, have: dict, n: int) -> list[D.Item]:
+        counts = D.family_counts(self.cfg, r, n, have)
+        cur = self.meta["cursors"]
+        out = []
+        for fam, k in counts.items():
+            if k:
+                pos = int(cur.get(fam, 0))
+                out += streams[fam].take(pos, k)
+                cur[fam] = pos + k
+        return out
+
+    def _grpo_step(self, r: int, streams: dict, have: dict) -> dict:
+        from agq_jax.rl import algo
+        from agq_jax.rollout import RolloutBatch, pack_episodes
+
+        cfg, rl = self.cfg, self.cfg.rl
+        g, need = int(rl.group_size), int(rl.tasks_per_step)
+        params = self.policy.sampling()
+        t_roll = time.time()
+        valid, dropped, all_eps, fams, n_groups = [], [], [], [], 0
+        ask, refills = need, 0
+        while True:
+            items = self._draw(r, streams, have, ask)
+            envs = [D.make_env(it, cfg) for it in items for _ in range(g)]
+            batch = self.policy.rollouts(envs, params=params, rng=self.trainer.split_rng(),
+                                         group_ids=[i for i in range(len(items)) for _ in range(g)])
+            all_eps += batch.episodes
+            fams += [it.kind for it in items for _ in range(g)]
+            for i, it in enumerate(items):
+                eps = batch.episodes[i * g:(i + 1) * g]
+                rewards = np.asarray([e.reward for e in eps], np.float32)
+                n_groups += 1
+                self._note_failure(it, eps, rewards)
+                keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(rewards[None])[0])
+                (valid if keep else dropped).append(eps)
+            if len(valid) >= need or refills >= int(rl.max_refill_batches) or not rl.dynamic_sampling:
+                break
+            refills += 1  # a refill is a full batch again: one sampler shape, no recompiles
+        t_roll = time.time() - t_roll
+        groups = valid[:need]
+        n_valid = len(groups)
+        groups += dropped[:need - len(groups)]  # fill with zero-variance groups, loss-masked below
+        eps = [e for grp in groups for e in grp]
+        packed = pack_episodes(eps, pad_id=self.ids.pad, max_len=int(cfg.rollout.max_len),  # one train shape
+                               logprob_source="sampling" if self._loss_temperature() != 1.0 else "policy")
+        rewards = packed["rewards"].reshape(len(groups), g)
+        kw = {"std_normalize": bool(rl.std_normalize)} if str(rl.advantage) == "grpo" else {}
+        adv = np.array(algo.compute_advantages(rewards, str(rl.advantage), **kw), np.float32)
+        adv[n_valid:] = 0.0
+        loss_mask = packed["loss_mask"].copy()
+        loss_mask[n_valid * g:] = 0.0
+        if rl.overlong_filter:
+            loss_mask = np.asarray(algo.overlong_filter(loss_mask, packed["truncated"]), np.float32)
+        train_batch = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+                       "loss_mask": loss_mask, "old_logprobs": packed["old_logprobs"], "advantages": adv.reshape(-1)}
+        t_train = time.time()
+        stats = self.trainer.train_batch(train_batch, stage="grpo")
+        self._sync_model()
+        t_train = time.time() - t_train
+        out = RolloutBatch(all_eps).metrics()
+        out.update({f"train/{k}": v for k, v in stats.items()})
+        gen_tokens = sum(e.num_policy_tokens for e in all_eps)
+        out.update({"grpo/zero_variance_frac": (n_groups - len(valid)) / max(n_groups, 1),
+                    "grpo/valid_groups": float(n_valid), "grpo/refills": float(refills),
+                    "grpo/groups_sampled": float(n_groups), "rollout/reward_std": float(np.std([e.reward for e in all_eps])),
+                    "perf/rollout_s": t_roll, "perf/train_s": t_train,
+                    "perf/tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+                    "perf/train_tokens_per_s": float(packed["attention_mask"].sum()) / max(t_train, 1e-9)})
+        for fam in (D.AGENTIC, D.REASONING):
+            fam_r = [e.reward for e, f in zip(all_eps, fams) if f == fam]
+            if fam_r:
+                out[f"rollout/{fam}/reward_mean"] = float(np.mean(fam_r))
+        return out
+
+    # ------------------------------------------------------------------ failures (flywheel input)
+    def _note_failure(self, item: D.Item, eps, rewards: np.ndarray):
+        failed = self.meta["failed"]
+        mean = float(rewards.mean())
+        if mean >= float(self.cfg.get("flywheel", {}).get("failure_threshold", 1.0)):
+            failed.pop(item.id, None)
+            return
+        worst = eps[int(np.argmin(rewards))]
+        failed[item.id] = {"reward": mean, "episode": episode_for_failure(worst) if item.kind == D.AGENTIC else None}
+        if len(failed) > MAX_FAILURES_KEPT:
+            drop = max(failed, key=lambda k: failed[k]["reward"])
+            failed.pop(drop)
+
+    def _write_failures(self, next_round: int, pools: dict):
+        if not self.is_writer:
+            return
+        by_id = {it.id: it for pool in pools.values() for it in pool}
+        rows = [by_id[i].failure_row(f["reward"], f.get("episode")) for i, f in sorted(self.meta["failed"].items())
+                if i in by_id]
+        os.makedirs(os.path.join(self.run_dir, "failures"), exist_ok=True)
+        from data_synth.io_utils import atomic_write_jsonl
+
+        atomic_write_jsonl(os.path.join(self.run_dir, "failures", f"round_{next_round}.jsonl"), rows)
+
+    def _read_failures(self, r: int) -> Optional[list[dict]]:
+        path = os.path.join(self.run_dir, "failures", f"round_{r}.jsonl")
+        if r == 0 or not os.path.exists(path):
+            return None
+        from data_synth.io_utils import read_jsonl
+
+        return read_jsonl(path)
+
+    def _bar(self, total: int, done: int, desc: str):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, leave=False)

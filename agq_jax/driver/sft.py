@@ -1,0 +1,64 @@
+"""Supervised warm start on expert trajectories, tokenized exactly as the sampler would produce them.
+
+For each item the gold replies are replayed through a fresh env and the sequence is built by appending,
+as `rollout.multiturn` does: the prompt (`encode_chat(add_generation_prompt=True)`, loss 0), then per
+reply its tokens with loss 1 — closed by `<|im_end|>` (loss 1) unless the reply ends in `</tool_call>`,
+where the sampler stops and the env suffix supplies `<|im_end|>` (loss 0) — then the env turns
+(`encode_env_turns`, loss 0). So SFT and GRPO train on the same token stream the policy sees.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from agq_jax import tokenizer as qtok
+from agq_jax.driver.data import Item, make_env
+from agq_jax.driver.vocab import SpecialIds
+
+
+def expert_sequence(item: Item, tok, ids: SpecialIds, cfg, *, stop_on_tool_call: bool = True) -> dict | None:
+    """{token_ids, loss_mask} of the item's gold episode, or None without verified gold replies."""
+    if not item.gold:
+        return None
+    thinking = bool(cfg.rollout.enable_thinking)
+    env = make_env(item, cfg)
+    msgs = env.reset()
+    tools = None if getattr(env, "embed_tools", False) else (getattr(env, "tool_schemas", None) or None)
+    token_ids = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=thinking)
+    mask = [0] * len(token_ids)
+    for reply in item.gold:
+        reply_ids = tok.encode(reply, add_special_tokens=False)
+        stops_on_tool = stop_on_tool_call and bool(reply_ids) and reply_ids[-1] == ids.tool_call_end
+        if not stops_on_tool:
+            reply_ids = reply_ids + [ids.im_end]
+        token_ids += reply_ids
+        mask += [1] * len(reply_ids)
+        res = env.step(reply, num_tokens=len(reply_ids))
+        if res.done:
+            break
+        suffix = qtok.encode_env_turns(tok, res.new_messages, enable_thinking=thinking, after_im_end=not stops_on_tool)
+        token_ids += suffix
+        mask += [0] * len(suffix)
+    return {"token_ids": token_ids, "loss_mask": mask, "task_id": item.id}
+
+
+def build_sft_examples(items: list[Item], tok, ids: SpecialIds, cfg, *, max_len: int) -> list[dict]:
+    """Expert sequences of every item with gold replies that fit in `max_len` tokens."""
+    out = []
+    for item in items:
+        ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
+        if ex is not None and len(ex["token_ids"]) <= max_len:
+            out.append(ex)
+    return out
+
+
+def sft_batch(examples: list[dict], step: int, batch_size: int, seed: int, round_idx: int, pad_id: int,
+              max_len: int | None = None) -> dict[str, np.ndarray]:
+    """Batch `step` of the SFT stream: epoch permutations seeded by (seed, round, epoch) — resumable by step."""
+    from agq_jax.rl.batch import collate
+
+    n = len(examples)
+    rows = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        perm = np.random.default_rng([seed, round_idx, 7, j // n]).permutation(n)
+        rows.append(examples[int(perm[j % n])])
+    return collate(rows, pad_id, pad_to_multiple=64, max_len=max_len)

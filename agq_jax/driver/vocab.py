@@ -1,0 +1,99 @@
+"""The run's tokenizer: the real Qwen3 vocabulary, or a small BPE trained on the procedural worlds.
+
+Why a procedural vocabulary exists: with a tiny model (hidden 64-128) the 151,936-row LM head costs ~50x
+the transformer body per token, so the CPU demo trains a few-thousand-token BPE with Qwen3's added tokens
+and chat template instead (configs/tiny.py, tokenizer.kind="procedural"). Every special id the driver
+needs is asked of the tokenizer, never taken from the real-vocabulary constants.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import types
+from pathlib import Path
+
+from agq_jax import tokenizer as qtok
+from agq_jax import tokenizer_procedural as ptok
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    im_end: int
+    endoftext: int
+    im_start: int
+    tool_call_end: int
+    pad: int
+
+    @classmethod
+    def of(cls, tok) -> "SpecialIds":
+        return cls(**ptok.special_ids(tok))
+
+
+def procedural_corpus(n_tasks: int = 120, seed: int = 12345, n_problems: int = 60) -> list[str]:
+    """Texts the procedural BPE is trained on: rendered gold trajectories of every domain / branch at
+    levels 0-2 plus procedural reasoning problems (a fixed seed stream, disjoint from training seeds)."""
+    from agq_jax.envs.worlds.generator import Knobs, generate_tasks
+    from data_synth.reasoning_problems import generate_seed_set
+
+    real = qtok.load_qwen3_tokenizer()  # only for the template render; the text is vocabulary-independent
+    texts = []
+    for level in (0, 1, 2):
+        for t in generate_tasks(n_tasks // 3, seed=seed + level, knobs=Knobs(level=level), split="corpus"):
+            texts.append(real.apply_chat_template(t.gold_trajectory, tokenize=False, enable_thinking=False))
+    for p in generate_seed_set(n_problems, seed):
+        texts.append(f"{p.question}\n\\boxed{{{p.answer}}}\n" + "\n".join(d["text"] for d in p.documents))
+    return texts
+
+
+def load_run_tokenizer(cfg, run_dir: str | os.PathLike, *, is_writer: bool = True):
+    """The tokenizer of `cfg.tokenizer` (kind qwen3 | procedural). A procedural one is trained once into
+    `run_dir/tokenizer` and reloaded from there afterwards (so a resumed run uses the same ids)."""
+    kind = cfg.tokenizer.kind
+    if kind == "qwen3":
+        return qtok.load_qwen3_tokenizer()
+    if kind != "procedural":
+        raise ValueError(f"config tokenizer.kind must be 'qwen3' or 'procedural', got {kind!r}")
+    path = Path(run_dir) / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        if not is_writer:
+            raise FileNotFoundError(f"{path}: process 0 has not written the procedural tokenizer yet")
+        vocab = int(cfg.tokenizer.vocab_size)
+        if vocab <= 0:
+            raise ValueError("config tokenizer.vocab_size must be > 0 for tokenizer.kind='procedural'")
+        return ptok.train_procedural_tokenizer(procedural_corpus(), vocab, path)
+    return ptok.load_procedural_tokenizer(path)
+
+
+def save_run_tokenizer(tok, cfg, run_dir, out_dir) -> None:
+    """Write the run's tokenizer files into an HF export directory."""
+    import shutil
+
+    if cfg.tokenizer.kind == "qwen3":
+        qtok.save_qwen3_tokenizer(out_dir)
+        return
+    src = Path(run_dir) / "tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(src / name, Path(out_dir) / name)
+
+
+@contextlib.contextmanager
+def rollout_special_ids(ids: SpecialIds):
+    """Make agq_jax.rollout.multiturn use this vocabulary's <|im_end|> / <|endoftext|> ids.
+
+    Workaround: multiturn compares sampled ids with the real-vocabulary constants (qtok.IM_END_ID), which
+    are wrong for a procedural vocabulary (a reply would never count as closed and get a second
+    <|im_end|>). Remove once run_rollouts takes the ids from the tokenizer."""
+    from agq_jax.rollout import multiturn
+
+    if ids.im_end == qtok.IM_END_ID:
+        yield
+        return
+    orig = multiturn.qtok
+    shim = types.SimpleNamespace(**{k: getattr(qtok, k) for k in dir(qtok) if not k.startswith("__")})
+    shim.IM_END_ID, shim.ENDOFTEXT_ID, shim.PAD_TOKEN_ID = ids.im_end, ids.endoftext, ids.pad
+    multiturn.qtok = shim
+    try:
+        yield
+    finally:
+        multiturn.qtok = orig
