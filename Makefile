@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two workers: subprocess-heavy tests (teacher server, multi-process, resume-after-kill) overlap with compute.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
 .PHONY: demo test install clean bench
 
