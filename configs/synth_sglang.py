@@ -16,7 +16,12 @@ _tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_tiny)
 agentic_defaults, reasoning_defaults = _tiny.agentic_defaults, _tiny.reasoning_defaults
 
-PERSONAS = "../shared/data/agenticqwen/persona_5K.jsonl"
+# The paper's 5K personas live in shared/ beside the repository (or $AGQ_SHARED); resolved from this file, not
+# the working directory. Without them stage 1 falls back to the built-in personas ("" = none configured).
+_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+PERSONAS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "persona_5K.jsonl"))
+if not os.path.isfile(PERSONAS):
+    PERSONAS = ""
 
 
 def get_config() -> ml_collections.ConfigDict:
