@@ -2,8 +2,9 @@
 
 Equivalence is symbolic, not string match: `1/2`, `0.5` and `\\frac{1}{2}` agree, `x+1` and `1+x`
 agree, `2` and `3` do not. math-verify (LaTeX and plain expressions -> sympy) does the heavy
-lifting; a sympy `parse_expr` difference check covers plain algebra it does not anchor on, and a
-normalised string comparison covers non-mathematical answers (names, words).
+lifting; a sympy difference check covers plain algebra it does not anchor on (parsed by latex2sympy's
+grammar, never by Python `eval`: answers are model / teacher output), and a normalised string comparison
+covers non-mathematical answers (names, words).
 """
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import re
 import threading
 
 import sympy
-from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
-                                        standard_transformations)
+from latex2sympy2_extended import latex2sympy
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse as mv_parse, verify as mv_verify
 
@@ -21,7 +21,6 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)  # its per-call "timeou
 
 _BOXED = "\\boxed"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
-_TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
 _SAFE_EXPR = re.compile(r"^[0-9a-zA-Z\s\.\+\-\*/\^\(\)]+$")
 
 
@@ -83,27 +82,53 @@ def _mv(ans: str):
 
 
 _ALLOWED_NAMES = {"sqrt", "pi", "exp", "log", "sin", "cos", "tan"}
+_FUNC = re.compile(r"\b(sqrt|pi|exp|log|sin|cos|tan)\b")
 
 
-def _safe_globals() -> dict:
-    """sympy's namespace without any Python builtins (parse_expr evaluates the code it builds)."""
-    g: dict = {}
-    exec("from sympy import *", g)  # noqa: S102 - a constant import statement, not model output
-    g["__builtins__"] = {}
-    return g
-
-
-_GLOBALS = _safe_globals()
+def _plain_to_latex(s: str) -> str | None:
+    """Plain algebra (`2*sqrt(3)/3`, `x^2+1`, `log(2)`) as LaTeX for latex2sympy; None if unbalanced."""
+    out, i = [], 0
+    while i < len(s):
+        m = _FUNC.match(s, i) if (i == 0 or not (s[i - 1].isalnum() or s[i - 1] == "_")) else None
+        if not m:
+            out.append(s[i])
+            i += 1
+            continue
+        name, i = m.group(1), m.end()
+        if name != "sqrt":
+            out.append({"log": "\\ln"}.get(name, "\\" + name) + " ")
+            continue
+        j = i
+        while j < len(s) and s[j] == " ":
+            j += 1
+        if j >= len(s) or s[j] != "(":
+            return None
+        depth, k = 0, j
+        for k in range(j, len(s)):
+            depth += {"(": 1, ")": -1}.get(s[k], 0)
+            if depth == 0:
+                break
+        if depth:
+            return None
+        inner = _plain_to_latex(s[j + 1:k])
+        if inner is None:
+            return None
+        out.append("\\sqrt{" + inner + "}")
+        i = k + 1
+    return "".join(out)
 
 
 def _sympy(ans: str):
-    s = normalize_text(ans).replace("^", "**")
+    s = normalize_text(ans)
     if not s or len(s) > 200 or not _SAFE_EXPR.match(s):
-        return None  # parse_expr evaluates Python; only plain arithmetic/algebra characters get here
+        return None  # only plain arithmetic/algebra characters
     if any(len(n) > 1 and n not in _ALLOWED_NAMES for n in re.findall(r"[a-z_]\w*", s)):
-        return None  # one-letter symbols and a few math functions only: no Python names at all
+        return None  # one-letter symbols and a few math functions only
+    latex = _plain_to_latex(s)
+    if latex is None:
+        return None
     try:
-        return parse_expr(s, local_dict={}, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS, evaluate=True)
+        return latex2sympy(latex)
     except Exception:  # noqa: BLE001 - unparsable is simply "not an expression"
         return None
 
