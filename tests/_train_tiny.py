@@ -14,8 +14,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def action_tokenizer(actions: list[str], words: list[str] = ()):
-    """Word-level: [UNK], `words` (so env turns are legible), Qwen3's added tokens, then whole replies."""
+def action_tokenizer(actions: list[str], words: list[str] = (), phrases: list[str] = ()):
+    """Word-level: [UNK], `words` (so env turns are legible), Qwen3's added tokens, whole `phrases` (the
+    tasks' system prompts, one token each: a ~400-token prompt would spread a random init's attention so
+    thin that no turn could tell its own context apart), then whole replies."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -23,7 +25,7 @@ def action_tokenizer(actions: list[str], words: list[str] = ()):
     from agq_jax import tokenizer as qtok
 
     vocab = {"[UNK]": 0}
-    for w in words:
+    for w in ("system", "user", "assistant", *words):
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -31,11 +33,18 @@ def action_tokenizer(actions: list[str], words: list[str] = ()):
     for content, special in qtok.ADDED_TOKENS:
         tk.add_special_tokens([AddedToken(content, normalized=False, special=special)]) if special else \
             tk.add_tokens([AddedToken(content, normalized=False, special=False)])
-    tk.add_tokens([AddedToken(a, normalized=False, special=False) for a in actions])
+    tk.add_tokens([AddedToken(a, normalized=False, special=False) for a in (*phrases, *actions)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     tok.chat_template = qtok.QWEN3_CHAT_TEMPLATE
     return tok
+
+
+def system_prompts(tasks) -> list[str]:
+    """The system message each task's env opens with (tools block included)."""
+    from agq_jax.envs import make_env
+
+    return [make_env(t).reset()[0]["content"] for t in tasks]
 
 
 def learning_task():

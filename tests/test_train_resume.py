@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from _train_tiny import action_tokenizer, learning_task, load_tiny_config
+from _train_tiny import action_tokenizer, learning_task, load_tiny_config, system_prompts
 
 
 def _config(run_dir):
@@ -16,7 +16,7 @@ def _config(run_dir):
     cfg.rl.update(steps_per_round=3, tasks_per_step=2, group_size=4, mini_batch_size=1, ppo_epochs=2,
                   max_refill_batches=1)
     cfg.eval.update(k=2, greedy_pass1=True, batch_size=8, after_sft=True)
-    cfg.checkpoint.update(every_steps=2, keep=2)
+    cfg.checkpoint.update(every_steps=2, keep=2)  # async (load_tiny_config): saves overlap the next rollouts
     cfg.export.every_round = False
     return cfg
 
@@ -32,7 +32,8 @@ def _items():
     for it in train:
         it.gold = verify_gold(it, cfg)
     held = [Item(AGENTIC, t.id, t) for t in (generate_task("retail", "legal", 5, split="heldout"),)]
-    return action_tokenizer(actions + list(other.gold_replies), words), train, held
+    prompts = system_prompts([it.obj for it in train + held])
+    return action_tokenizer(actions + list(other.gold_replies), words, prompts), train, held
 
 
 def _records(run_dir):

@@ -10,6 +10,7 @@ resumed run logs exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -124,7 +125,10 @@ class Driver:
         self.policy.model = self.model
 
     def _save(self):
-        meta = dict(self.meta, trainer=self.phase_kind)
+        # A deep copy: an async save serializes the metadata later, after the next step has already
+        # advanced the (nested, mutable) data cursors and failures in place; a resumed run then skipped
+        # the items of the step it re-runs.
+        meta = copy.deepcopy(dict(self.meta, trainer=self.phase_kind))
         self.ckpt.save(int(self.meta["global_step"]), {"train": self.trainer.state}, meta, force=True)
 
     def _restore(self, step: int):

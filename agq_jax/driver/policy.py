@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agq_jax.driver.vocab import SpecialIds, rollout_special_ids
+from agq_jax.driver.vocab import SpecialIds
 
 
 def model_config(cfg, tok, ids: SpecialIds):
@@ -61,14 +61,34 @@ def make_mesh(cfg):
     return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert))
 
 
+_SAMPLERS: dict = {}
+
+
+def shared_sampler(model, *, mesh, pad_id: int, chunk_size: int):
+    """One Sampler per (architecture, mesh, pad id, chunk): a Sampler holds only the graphdef and its jitted
+    prefill/decode (weights are call arguments), so drivers built in the same process (a resumed run, the
+    SFT-only vs GRPO comparison, tests) reuse the compiled executables instead of recompiling them."""
+    from agq_jax.rollout import Sampler
+
+    graphdef, _ = nnx.split(model)
+    key = (graphdef, id(mesh) if mesh is not None else None, int(pad_id), int(chunk_size))
+    try:
+        hit = _SAMPLERS.get(key)
+    except TypeError:  # an unhashable graphdef: no sharing
+        return Sampler(model, mesh=mesh, pad_id=pad_id, chunk_size=chunk_size)
+    if hit is None or hit.mesh is not mesh:
+        hit = _SAMPLERS[key] = Sampler(model, mesh=mesh, pad_id=pad_id, chunk_size=chunk_size)
+    return hit
+
+
 class Policy:
     """Samples episodes from the live model: `policy.model` is swapped in after every train step."""
 
     def __init__(self, cfg, model, tok, ids: SpecialIds, mesh=None):
-        from agq_jax.rollout import RolloutConfig, Sampler
+        from agq_jax.rollout import RolloutConfig
 
         self.cfg, self.model, self.tok, self.ids, self.mesh = cfg, model, tok, ids, mesh
-        self.sampler = Sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=int(cfg.rollout.get("chunk_size", 256)))
+        self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=int(cfg.rollout.get("chunk_size", 256)))
         r = cfg.rollout
         self.rollout_cfg = RolloutConfig(max_len=int(r.max_len),
                                          max_new_tokens_per_turn=int(r.max_new_tokens_per_turn) or None,
@@ -97,9 +117,8 @@ class Policy:
 
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=int(self.cfg.rollout.max_workers))
-        with rollout_special_ids(self.ids):
-            return run_rollouts(self.sampler, self.model, envs, self.tok, params=params, config=self.rollout_cfg,
-                                rng=rng, group_ids=group_ids, score_fn=score_env, executor=self._pool)
+        return run_rollouts(self.sampler, self.model, envs, self.tok, params=params, config=self.rollout_cfg,
+                            rng=rng, group_ids=group_ids, score_fn=score_env, executor=self._pool)
 
     def close(self):
         if self._pool is not None:

@@ -7,10 +7,8 @@ needs is asked of the tokenizer, never taken from the real-vocabulary constants.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import types
 from pathlib import Path
 
 from agq_jax import tokenizer as qtok
@@ -75,25 +73,3 @@ def save_run_tokenizer(tok, cfg, run_dir, out_dir) -> None:
     src = Path(run_dir) / "tokenizer"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(src / name, Path(out_dir) / name)
-
-
-@contextlib.contextmanager
-def rollout_special_ids(ids: SpecialIds):
-    """Make agq_jax.rollout.multiturn use this vocabulary's <|im_end|> / <|endoftext|> ids.
-
-    Workaround: multiturn compares sampled ids with the real-vocabulary constants (qtok.IM_END_ID), which
-    are wrong for a procedural vocabulary (a reply would never count as closed and get a second
-    <|im_end|>). Remove once run_rollouts takes the ids from the tokenizer."""
-    from agq_jax.rollout import multiturn
-
-    if ids.im_end == qtok.IM_END_ID:
-        yield
-        return
-    orig = multiturn.qtok
-    shim = types.SimpleNamespace(**{k: getattr(qtok, k) for k in dir(qtok) if not k.startswith("__")})
-    shim.IM_END_ID, shim.ENDOFTEXT_ID, shim.PAD_TOKEN_ID = ids.im_end, ids.endoftext, ids.pad
-    multiturn.qtok = shim
-    try:
-        yield
-    finally:
-        multiturn.qtok = orig

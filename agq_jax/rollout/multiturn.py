@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from agq_jax import tokenizer as qtok
+from agq_jax.tokenizer_procedural import special_ids
 from agq_jax.rollout.sampler import CACHE_FULL, FINISH_REASONS, STOP, Sampler, SamplingParams
 
 OVERLONG = "overlong"  # our termination when the token budget (max_len) ends an episode
@@ -81,7 +82,10 @@ class Episode:
 
 @dataclasses.dataclass
 class RolloutBatch:
+    """Episodes in env order; `pad_id` is the rollout tokenizer's pad id (what `pack` pads with)."""
+
     episodes: list[Episode]
+    pad_id: Optional[int] = None
 
     def __len__(self):
         return len(self.episodes)
@@ -111,13 +115,14 @@ class RolloutBatch:
             out[f"termination/{term}"] = n / len(eps)
         return out
 
-    def pack(self, *, pad_id: int = qtok.PAD_TOKEN_ID, pad_to_multiple: int = 64, max_len: int | None = None,
+    def pack(self, *, pad_id: Optional[int] = None, pad_to_multiple: int = 64, max_len: int | None = None,
              logprob_source: str = "policy") -> dict[str, np.ndarray]:
-        return pack_episodes(self.episodes, pad_id=pad_id, pad_to_multiple=pad_to_multiple, max_len=max_len,
+        """`pack_episodes` with the batch's own tokenizer pad id unless `pad_id` is given."""
+        return pack_episodes(self.episodes, pad_id=self.pad_id if pad_id is None else pad_id, pad_to_multiple=pad_to_multiple, max_len=max_len,
                              logprob_source=logprob_source)
 
 
-def pack_episodes(episodes: Sequence[Episode], *, pad_id: int = qtok.PAD_TOKEN_ID, pad_to_multiple: int = 64,
+def pack_episodes(episodes: Sequence[Episode], *, pad_id: Optional[int] = None, pad_to_multiple: int = 64,
                   max_len: int | None = None, logprob_source: str = "policy") -> dict[str, np.ndarray]:
     """Right-pad episodes into the training batch (see docs/ARCHITECTURE.md "Rollout contract").
 
@@ -125,7 +130,11 @@ def pack_episodes(episodes: Sequence[Episode], *, pad_id: int = qtok.PAD_TOKEN_I
     attention_mask int32, loss_mask float32, old_logprobs float32 (token aligned; `logprob_source`
     "policy" = temperature-1 log-probs, "sampling" = under the sampling distribution). Per-row [N]:
     rewards float32, group_ids int32, truncated bool (overlong), response_lengths int32, num_turns int32.
+    `pad_id` None means Qwen3's `<|endoftext|>`; pass the tokenizer's for another vocabulary (padding is
+    attention-masked, so the id only has to be in range).
     """
+    if pad_id is None:
+        pad_id = qtok.PAD_TOKEN_ID
     if not episodes:
         raise ValueError("pack_episodes: no episodes")
     if logprob_source not in ("policy", "sampling"):
@@ -219,9 +228,9 @@ class _Row:
         self.pending = []
 
 
-def _reply_text(tok, sampled: list[int]) -> str:
-    """The reply the env sees: decoded sampled ids without a closing <|im_end|>/<|endoftext|>."""
-    if sampled and sampled[-1] in (qtok.IM_END_ID, qtok.ENDOFTEXT_ID):
+def _reply_text(tok, sampled: list[int], closing: tuple[int, ...]) -> str:
+    """The reply the env sees: decoded sampled ids without a closing <|im_end|>/<|endoftext|> (`closing`)."""
+    if sampled and sampled[-1] in closing:
         sampled = sampled[:-1]
     return tok.decode(sampled, skip_special_tokens=False)
 
@@ -250,6 +259,8 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
     from agq_jax.envs.runtime import Termination
 
     n = len(envs)
+    ids = special_ids(tok)  # asked of the tokenizer: a procedural vocabulary has its own ids
+    im_end, closing = ids["im_end"], (ids["im_end"], ids["endoftext"])
     rows = [_Row(env, g) for env, g in zip(envs, group_ids)]
     first_messages = list(pool.map(lambda env: env.reset(), envs))
     for row, msgs in zip(rows, first_messages):
@@ -294,8 +305,8 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
             code = int(reason[i])
             r.turn_finish.append(FINISH_REASONS[code])
             out_of_budget = code == CACHE_FULL or len(r.ids) >= config.max_len
-            stepping.append((i, _reply_text(tok, sampled), k, out_of_budget))
-            r.closed = code == STOP and bool(sampled) and sampled[-1] == qtok.IM_END_ID
+            stepping.append((i, _reply_text(tok, sampled, closing), k, out_of_budget))
+            r.closed = code == STOP and bool(sampled) and sampled[-1] == im_end
 
         results = list(pool.map(lambda item: rows[item[0]].env.step(item[1], num_tokens=item[2], truncated=item[3]),
                                 stepping))
@@ -328,4 +339,4 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
             loss_mask=r.mask, logprobs=r.lp, sample_logprobs=r.slp, prompt_len=r.prompt_len, turn_spans=r.spans,
             num_turns=len(r.spans), termination=r.termination or "done", overlong=r.overlong, reward=total,
             reward_components=comps, reward_gates=gates, turn_finish=r.turn_finish, record=rec))
-    return RolloutBatch(episodes)
+    return RolloutBatch(episodes, pad_id=ids["pad"])
