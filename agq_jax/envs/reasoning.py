@@ -173,6 +173,12 @@ class ReasoningEnv:
             out.append({"role": "tool", "name": call.name, "content": content})
         return out
 
+    def finish(self, termination: Termination, error: Optional[str] = None) -> Optional[StepResult]:
+        """End a running episode from outside (the sampler's budget ran out); no-op if done. Same as `Env.finish`."""
+        if self.record is None or self.done:
+            return None
+        return self._finish([], Termination(termination), Termination(termination).value)
+
     def _finish(self, new: list[dict], term: Optional[Termination], finish: str) -> StepResult:
         self.record.messages.extend(copy.deepcopy(new))
         if term is not None:

@@ -186,16 +186,8 @@ def _env_id(env) -> str:
 def _finish_env(env, termination) -> None:
     """End an env that is still running (our token budget or turn cap ran out after its step), so its
     record carries a termination and a final state for scoring."""
-    if getattr(env, "done", True):
-        return
-    if callable(getattr(env, "finish", None)):
-        env.finish(termination)
-        return
-    # TODO(envs): a public Env.finish(termination); envs.runtime.run_episode calls _finish the same way.
-    try:
-        env._finish([], termination)
-    except TypeError:  # ReasoningEnv._finish(new, term, finish)
-        env._finish([], termination, termination.value)
+    if not getattr(env, "done", True):
+        env.finish(termination)  # envs.runtime.Env and envs.reasoning.ReasoningEnv both end episodes this way
 
 
 class _Row:
