@@ -3,14 +3,23 @@
 The real Qwen3 vocabulary has 151,936 rows; for a tiny model on a 2-core CPU the embedding and LM head
 would cost more than the whole transformer body (2·H·V FLOPs per token), so `configs/tiny.py` trains a
 BPE of a few thousand tokens on text rendered from the procedural worlds instead. Everything else is
-Qwen3's: the same pre-tokenizer (Qwen2 split regex + byte level, so any text encodes), the same 26
-added tokens in the same order (at ids after the trained vocabulary), the same chat template. Code that
-needs a special-token id asks the tokenizer (`tok.convert_tokens_to_ids("<|im_end|>")`), never a constant.
+Qwen3's: the same 26 added tokens in the same order (at ids after the trained vocabulary), the same chat
+template, byte level (any text encodes). Code that needs a special-token id asks the tokenizer
+(`tok.convert_tokens_to_ids("<|im_end|>")`), never a constant.
+
+Two pre-tokenizers:
+- "qwen2": Qwen2's split regex, so tokens stay inside words as in the real vocabulary;
+- "phrases": only digits are split (one token each, so ids are copied digit by digit); BPE may merge
+  across spaces and punctuation, so the worlds' fixed text (tool schemas, policy lines, stock replies)
+  becomes a few phrase tokens. A level-0 episode shrinks from ~700 tokens to ~130, which is what lets a
+  tiny model learn the worlds on a 2-core CPU in minutes (configs/tiny.py). The text is the same; only
+  the segmentation differs, and every id the model sees is still one the env's text encodes to.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,11 +28,23 @@ from typing import Iterable
 from agq_jax import tokenizer as qtok
 
 
-def train_procedural_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
+PRETOKENIZERS = ("qwen2", "phrases")
+
+
+def _without_added_tokens(texts: Iterable[str]) -> Iterable[str]:
+    """The pieces of `texts` between added tokens: encoding splits on those first, so a merge across one
+    would never be used."""
+    pattern = re.compile("|".join(re.escape(c) for c, _ in qtok.ADDED_TOKENS))
+    for text in texts:
+        yield from (piece for piece in pattern.split(text) if piece)
+
+
+def train_procedural_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
+                               pretokenizer: str = "qwen2"):
     """Train a byte-level BPE of `vocab_size` tokens (added tokens included) on `texts`; save and load it.
 
-    The files are written to a temp dir and renamed into `out_dir` (replacing it), so an interrupted
-    run never leaves a half-written tokenizer behind.
+    `pretokenizer`: "qwen2" | "phrases" (see the module docstring). The files are written to a temp dir and
+    renamed into `out_dir` (replacing it), so an interrupted run never leaves a half-written tokenizer.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
@@ -31,17 +52,18 @@ def train_procedural_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: s
     n_added = len(qtok.ADDED_TOKENS)
     if vocab_size < 256 + n_added + 1:
         raise ValueError(f"vocab_size={vocab_size} too small: need > {256 + n_added} (bytes + added tokens)")
+    if pretokenizer not in PRETOKENIZERS:
+        raise ValueError(f"pretokenizer must be one of {PRETOKENIZERS}, got {pretokenizer!r}")
     tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qtok.QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    split = (pre_tokenizers.Split(Regex(qtok.QWEN2_SPLIT_REGEX), behavior="isolated", invert=False)
+             if pretokenizer == "qwen2" else pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_added, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_without_added_tokens(texts), trainer=trainer)
     base = tok.get_vocab_size()
     for content, special in qtok.ADDED_TOKENS:
         added = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)

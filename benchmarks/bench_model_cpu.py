@@ -2,7 +2,9 @@
 
 Prefill: one forward over [batch, prompt_len] (tokens/s = batch * prompt_len / time).
 Decode: greedy generation of `new_tokens` after the prompt with a KV cache, prefill included on both sides
-(agq_jax: jitted prefill + jitted one-token step with argmax on device; transformers: `generate`, sdpa attention).
+(agq_jax: jitted prefill + jitted one-token step with argmax on device, jax.jit over the split weights as the
+Sampler runs it; transformers: `generate`, sdpa attention). MoE layers with moe_impl=tiled use the gathered-
+experts path when a step selects at most num_experts (token, expert) pairs (batch-1 decode).
 Prints one JSON line per measurement, then a table with the ratio agq_jax / transformers (target >= 1.0).
 
 Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batches 1 8] [--moe [--moe-impl tiled]]
@@ -10,6 +12,7 @@ Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batch
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -54,29 +57,28 @@ def best_of(fn, repeats):
     return min(times)
 
 
-@nnx.jit
-def _forward(model, ids):
-    return model(ids).logits
+# jax.jit over (static graphdef, weights) as agq_jax.rollout.Sampler runs the model: nnx.jit re-walks the module
+# graph in Python on every call (measured ~40 ms per call here, 8x a whole MoE decode step), which would make
+# this a benchmark of the call wrapper rather than of the model.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids).logits
 
 
-@nnx.jit(donate_argnums=2)
-def _prefill(model, ids, cache):
-    out = model(ids, cache=cache)
-    return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32), out.cache
-
-
-@nnx.jit(donate_argnums=2)
-def _decode(model, tok, cache):
-    out = model(tok[:, None], cache=cache)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _step(graphdef, state, ids, cache):
+    """Prefill (ids [B,T]) or one decode step (ids [B,1]): greedy next token and the updated cache."""
+    out = nnx.merge(graphdef, state)(ids, cache=cache)
     return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32), out.cache
 
 
 def agq_generate(model, ids, new_tokens):
+    graphdef, state = nnx.split(model)
     cache = qwen3.init_cache(model.config, ids.shape[0], ids.shape[1] + new_tokens, jnp.float32)
-    tok, cache = _prefill(model, ids, cache)
+    tok, cache = _step(graphdef, state, ids, cache)
     toks = [tok]
     for _ in range(new_tokens - 1):
-        tok, cache = _decode(model, tok, cache)
+        tok, cache = _step(graphdef, state, tok[:, None], cache)
         toks.append(tok)
     return np.stack(jax.device_get(toks), 1)
 
@@ -113,7 +115,8 @@ def main():
             with torch.no_grad():
                 hf(ids_t)
 
-        t_agq = best_of(lambda: _forward(ours, ids_j).block_until_ready(), args.repeats)
+        graphdef, state = nnx.split(ours)
+        t_agq = best_of(lambda: _forward(graphdef, state, ids_j).block_until_ready(), args.repeats)
         t_hf = best_of(hf_fwd, args.repeats)
         rows.append(("prefill", batch, batch * args.prompt_len / t_agq, batch * args.prompt_len / t_hf))
 

@@ -2,15 +2,27 @@
 
 Reference measured in the same run on the same model and batch: a plain next-token cross-entropy step that
 materialises the full [B, T, V] logits (the usual SFT step). `ratio_vs_ref` = GRPO step time / reference time
-shows what the chunked log-probs + PPO/GSPO loss + metrics cost. Model FLOPs use 6 × active params × tokens
-(+ attention); pass --peak_tflops for MFU on an accelerator.
-Usage: python benchmarks/bench_train_step.py [--batch 8 --seq 256 --iters 5 --chunk 128 --peak_tflops 0]
+shows what the chunked log-probs + PPO/GSPO loss + metrics cost.
+
+MFU: model FLOPs = 6 × active params × tokens + causal attention (12 · layers · heads · head_dim · T² · B / 2),
+over two peaks: `mfu_measured` = over the FLOP/s of a large matmul in the compute dtype measured in the same
+run on the same device (what this device actually sustains), and `mfu_nominal` = over the datasheet peak
+(H100/H200 bf16 dense 989 TFLOP/s; --peak_tflops overrides; none on CPU). Peak device memory comes from
+`device.memory_stats()` where the backend has it (GPU/TPU); on CPU the process max RSS is reported instead.
+
+Shapes: `dense`, `moe` (small CPU shapes, the default), `tiny` (configs/tiny.py's model), and the real
+architectures `Qwen3-1.7B`, `Qwen3-8B`, `Qwen3-30B-A3B` (all 128 experts, top-8) — use --layers to cut depth.
+Usage: python benchmarks/bench_train_step.py [--models dense --batch 8 --seq 256 --iters 3 --chunk 128]
+  GPU:  --models Qwen3-1.7B --dtype bfloat16 --batch 8 --seq 4096 --remat dots
+        --models Qwen3-8B --layers 8 --dtype bfloat16 ...   --models Qwen3-30B-A3B --layers 4 --dtype bfloat16 ...
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import time
 
 import jax
@@ -30,6 +42,56 @@ SHAPES = {
                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, model_type="qwen3_moe", num_experts=8,
                 num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False),
 }
+
+
+TINY = dict(vocab_size=1536, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rope_theta=10000.0)
+NOMINAL_PEAK_TFLOPS = {"bfloat16": {"H100": 989.0, "H200": 989.0, "A100": 312.0}}
+
+
+def model_config(name: str, layers: int, t: int, args) -> qwen3.Qwen3Config:
+    """A named shape with the run's training-side choices; --layers cuts depth (0 = the shape's own)."""
+    if name in qwen3.PRESETS:
+        cfg = qwen3.PRESETS[name]
+    elif name == "tiny":
+        cfg = qwen3.Qwen3Config(**TINY)
+    elif name in SHAPES:
+        cfg = qwen3.Qwen3Config(**SHAPES[name])
+    else:
+        raise SystemExit(f"--models: unknown shape {name!r}; choose from {sorted(SHAPES) + ['tiny'] + sorted(qwen3.PRESETS)}")
+    moe_impl = args.moe_impl
+    if moe_impl == "auto":  # ragged_dot is lowered densely by XLA:CPU; the tile-padded dispatch is the CPU path
+        moe_impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
+    return cfg.replace(num_hidden_layers=layers or cfg.num_hidden_layers, max_position_embeddings=max(t, 128),
+                       attention_impl=args.attention_impl, moe_impl=moe_impl, remat=args.remat)
+
+
+def measured_peak_tflops(dtype, n: int, iters: int = 3) -> float:
+    """Achieved TFLOP/s of an [n,n]@[n,n] matmul in `dtype` on the default device (best of `iters`)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def nominal_peak_tflops(dtype_name: str):
+    kind = jax.devices()[0].device_kind
+    for key, peak in NOMINAL_PEAK_TFLOPS.get(dtype_name, {}).items():
+        if key in kind:
+            return peak
+    return None
+
+
+def peak_memory() -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_device_mem_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3)}
+    return {"host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)}
 
 
 def active_params(cfg: qwen3.Qwen3Config) -> int:
@@ -65,9 +127,10 @@ def timed(fn, iters):
     return float(np.median(times))
 
 
-def bench(name, b, t, iters, chunk, peak):
-    cfg = qwen3.Qwen3Config(**SHAPES[name], max_position_embeddings=max(t, 128))
-    model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
+def bench(name, b, t, iters, chunk, args, peaks):
+    cfg = model_config(name, args.layers, t, args)
+    dtype, pdtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
+    model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype)
     rows = []
     # reference: plain CE step on full logits, same optimizer
     graphdef, params = nnx.split(model, nnx.Param)
@@ -80,7 +143,7 @@ def bench(name, b, t, iters, chunk, peak):
     def ref_step(params, opt):
         def loss(p):
             logits = nnx.merge(graphdef, p)(ids).logits
-            lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+            lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))  # noqa: the usual full-logits CE
             return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
         g = jax.grad(loss)(params)
         upd, opt = tx.update(g, opt, params)
@@ -101,15 +164,25 @@ def bench(name, b, t, iters, chunk, peak):
         gb = {**batch, "old_logprobs": lp * batch["loss_mask"]}
         t_step = timed(lambda: tr.train_batch(gb), iters)
         flops = step_flops(cfg, b, t)
+        tflops = flops / t_step / 1e12
         row = {"bench": "train_step", "model": name, "loss": loss_name, "batch": b, "seq": t,
+               "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "moe": cfg.is_moe,
+               "experts": f"{cfg.num_experts_per_tok}/{cfg.num_experts}" if cfg.is_moe else None,
+               "dtype": args.dtype, "param_dtype": args.param_dtype, "attention_impl": cfg.attention_impl,
+               "attention_resolved": qwen3.resolve_attention_impl(cfg.attention_impl, t, t, causal=True),
+               "moe_impl": cfg.moe_impl if cfg.is_moe else None, "remat": cfg.remat,
                "vocab": cfg.vocab_size, "chunk": chunk, "active_params": active_params(cfg),
                "step_s": round(t_step, 4), "tokens_per_s": round(b * t / t_step, 1),
                "policy_tokens_per_s": round(float(batch["loss_mask"][:, 1:].sum()) / t_step, 1),
-               "model_tflops_per_s": round(flops / t_step / 1e12, 4),
+               "model_tflops_per_s": round(tflops, 4), "step_model_tflop": round(flops / 1e12, 4),
+               "peak_measured_tflops": round(peaks["measured"], 4),
+               "mfu_measured": round(tflops / peaks["measured"], 4),
                "ref_ce_step_s": round(t_ref, 4), "ratio_vs_ref": round(t_step / t_ref, 3),
-               "device": jax.devices()[0].device_kind, "host": platform.machine()}
-        if peak:
-            row["mfu"] = round(flops / t_step / 1e12 / peak, 4)
+               "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "host": platform.machine(),
+               "load_avg_1m": round(os.getloadavg()[0], 2), **peak_memory()}
+        if peaks["nominal"]:
+            row["peak_nominal_tflops"] = peaks["nominal"]
+            row["mfu_nominal"] = round(tflops / peaks["nominal"], 4)
         rows.append(row)
     return rows
 
@@ -118,22 +191,39 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
-    ap.add_argument("--models", default="dense,moe")
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="nominal device peak for mfu_nominal (default: 989 on H100/H200 in bf16; none on CPU)")
+    ap.add_argument("--matmul", type=int, default=0, help="matmul size of the measured peak (0: 2048 CPU, 8192 else)")
+    ap.add_argument("--models", default="dense", help="comma-separated shapes (dense, moe, tiny, Qwen3-1.7B, ...)")
+    ap.add_argument("--layers", type=int, default=0, help="cut every shape to this many layers (0 = its own)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPU/TPU)")
+    ap.add_argument("--param_dtype", default="float32")
+    ap.add_argument("--attention_impl", default="auto", choices=list(qwen3.ATTENTION_IMPLS))
+    ap.add_argument("--moe_impl", default="auto", choices=["auto", "ragged", "tiled", "dense"])
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     args = ap.parse_args()
+    n = args.matmul or (2048 if jax.default_backend() == "cpu" else 8192)
+    peaks = {"measured": measured_peak_tflops(jnp.dtype(args.dtype), n),
+             "nominal": args.peak_tflops or nominal_peak_tflops(args.dtype)}
+    print(json.dumps({"bench": "train_step_peak", "matmul": n, "dtype": args.dtype,
+                      "device": jax.devices()[0].device_kind, "measured_tflops": round(peaks["measured"], 4),
+                      "nominal_tflops": peaks["nominal"]}), flush=True)
     rows = []
     for name in args.models.split(","):
-        rows += bench(name, args.batch, args.seq, args.iters, args.chunk, args.peak_tflops)
+        rows += bench(name, args.batch, args.seq, args.iters, args.chunk, args, peaks)
     for r in rows:
         print(json.dumps(r))
-    print(f"\n{'model':>6} {'loss':>9} {'B×T':>9} {'step s':>8} {'tok/s':>9} {'policy tok/s':>13} "
-          f"{'TFLOP/s':>8} {'CE ref s':>9} {'ratio':>6}")
+    print(f"\n{'model':>13} {'loss':>9} {'B×T':>10} {'step s':>8} {'tok/s':>9} {'policy tok/s':>13} "
+          f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU nom':>8} {'CE ref s':>9} {'ratio':>6}")
     for r in rows:
-        print(f"{r['model']:>6} {r['loss']:>9} {r['batch']:>4}×{r['seq']:<4} {r['step_s']:>8.3f} "
+        nom = f"{r['mfu_nominal']:>8.3f}" if "mfu_nominal" in r else f"{'-':>8}"
+        print(f"{r['model']:>13} {r['loss']:>9} {r['batch']:>4}×{r['seq']:<5} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>9.0f} {r['policy_tokens_per_s']:>13.0f} {r['model_tflops_per_s']:>8.3f} "
-              f"{r['ref_ce_step_s']:>9.3f} {r['ratio_vs_ref']:>6.2f}")
+              f"{r['mfu_measured']:>8.3f} {nom} {r['ref_ce_step_s']:>9.3f} {r['ratio_vs_ref']:>6.2f}")
+    print(f"dtype {args.dtype}, device {jax.devices()[0].device_kind}, measured {args.dtype} matmul peak "
+          f"{peaks['measured']:.3f} TFLOP/s, nominal {peaks['nominal'] or '-'}")
 
 
 if __name__ == "__main__":

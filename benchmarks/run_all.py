@@ -1,4 +1,4 @@
-"""Run every CPU benchmark in turn (`make bench`); each prints its own JSON lines and table.
+"""Run every CPU benchmark in turn (`make bench`); each prints its own JSON lines and table (docs/performance.md).
 
 Pass-through: `python benchmarks/run_all.py [NAME ...]` runs only the named scripts (e.g. model_cpu sampler).
 """
@@ -13,6 +13,10 @@ SCRIPTS = {
     "model_cpu_moe": ["bench_model_cpu.py", "--moe"],
     "sampler": ["bench_sampler.py"],
     "train_step": ["bench_train_step.py"],
+    "train_step_moe": ["bench_train_step.py", "--models", "moe"],
+    "attention_cpu": ["bench_attention_cpu.py"],
+    "compile": ["bench_compile.py"],
+    "rollout": ["bench_rollout.py"],
 }
 
 

@@ -92,7 +92,7 @@ class Layout(NamedTuple):
 
     @property
     def attention_impl(self) -> str:
-        # cuDNN flash attention on GPU when jax can use it (falls back to XLA); XLA on TPU.
+        # auto: cuDNN flash attention on GPU for bf16/fp16 shapes it supports (XLA otherwise); XLA on TPU.
         return "auto" if HARDWARE[self.hardware].kind == "gpu" else "xla"
 
 

@@ -43,6 +43,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(
         kind="qwen3",               # qwen3 (the real 151,669-token vocabulary) | procedural (trained on the worlds)
         vocab_size=0,               # procedural only
+        pretokenizer="qwen2",       # procedural only: qwen2 (word pieces) | phrases (merges across words; digits single)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1,
                                             enabled=True))  # False: one device, no mesh (CPU demo)
@@ -65,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         learning_rate=1e-5,
         warmup_steps=0,
         micro_batch_size=0,         # rows per forward/backward; 0 = the whole batch
+        data="round",               # round (gold episodes of the round's dataset) | procedural (a fresh task per row)
+        loss_on="policy",           # policy (agent tokens) | all (whole transcript: random-init warm start)
+        decay="constant",           # constant | cosine | linear (after warmup)
     ))
 
     c.rl = ml_collections.ConfigDict(dict(
@@ -116,6 +120,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         max_workers=32,             # concurrent environment steps (teachers may be HTTP)
         stop_on_tool_call=True,     # a reply also ends at </tool_call> (the env suffix adds <|im_end|>)
         chunk_size=256,             # sampler prefill chunk (tokens)
+        train_pad_multiple=0,       # 0: train batches padded to max_len (one shape); N: to the longest row, rounded up to N
     ))
     c.eval = ml_collections.ConfigDict(dict(
         k=4,                        # trials per task for pass^k / pass@k

@@ -13,6 +13,7 @@ def agentic_defaults(**kw) -> ml_collections.ConfigDict:
         num_procedural=12,           # round 0: procedural tasks (offline default; also mixed in with teachers)
         procedural_per_round=4,      # later rounds: fresh procedural tasks
         level=0,                     # procedural difficulty level (worlds.generator.Knobs)
+        domains=(),                  # procedural domains; () = all
         persona_path="", num_personas=0, workflow_path="",
         min_tools=3, max_tools=5, max_params=3, min_branch_types=3, max_branches_per_tree=5,
         validate_with_teacher=True, solver_role="solver",

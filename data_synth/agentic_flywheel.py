@@ -236,7 +236,8 @@ async def stage_validate(item: dict, ctx: StageContext, cfg) -> list[dict]:
 # --------------------------------------------------------------------------------------------- offline
 def _procedural(cfg, round_idx: int, n: int) -> list[dict]:
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
-    tasks = generate_tasks(n, seed=int(cfg.seed) * 1000 + round_idx, knobs=Knobs(level=int(cfg.level)))
+    tasks = generate_tasks(n, seed=int(cfg.seed) * 1000 + round_idx, domains=list(cfg.get("domains", ())) or None,
+                           knobs=Knobs(level=int(cfg.level)))
     out = []
     for t in tasks:
         t.lineage.round = round_idx

@@ -44,7 +44,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def atomic_write_jsonl(path: str, rows: Iterable[Any]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) for r in rows]
+    """Rows keep their key order: a task's tool schemas are rendered into the prompt in stored order, so a
+    dataset round trip must give the model the same prompt the task had when it was generated."""
+    lines = [json.dumps(r, ensure_ascii=False, default=str) for r in rows]
     atomic_write_text(path, "".join(l + "\n" for l in lines))
     return len(lines)
 
@@ -86,7 +88,7 @@ class AppendLog:
         self._f = open(path, "a", encoding="utf-8")
 
     def append(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str) + "\n")
+        self._f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")  # key order kept (see above)
         self._f.flush()
         os.fsync(self._f.fileno())
 

@@ -186,7 +186,7 @@ async def run_stage(name: str, items: Sequence[dict], fn: StageFn, *, stage_dir:
                                                                  "failures": []}}
                 row["attempts"], row["failures"] = ctx.attempts, dict(ctx.failures)
                 # the in-memory row takes the checkpoint's canonical form, so fresh and resumed runs agree
-                row = json.loads(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str))
+                row = json.loads(json.dumps(row, ensure_ascii=False, default=str))
                 log.append(row)
                 done[k] = row
                 bar.update(1)

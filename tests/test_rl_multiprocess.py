@@ -45,11 +45,12 @@ def global_batch(r: int):
             "noise": (0.05 * rng.normal(size=(B, T))).astype(np.float32)}
 
 
-def run(trainer, rows):
-    """ROUNDS rollout batches; old log-probs = the trainer's own (perturbed like a bf16 sampler)."""
+def run(trainer, select=dict):
+    """ROUNDS rollout batches (`select`: this process's rows of the global batch); old log-probs = the
+    trainer's own (perturbed like a bf16 sampler)."""
     out = []
     for r in range(ROUNDS):
-        batch = {k: v[rows] for k, v in global_batch(r).items()}
+        batch = select(global_batch(r))
         lp, _ = trainer.compute_logprobs(batch)
         batch["old_logprobs"] = ((lp + batch.pop("noise")) * batch["loss_mask"]).astype(np.float32)
         out.append(trainer.train_batch(batch))
@@ -74,7 +75,7 @@ def test_two_process_step_equals_one_process(tmp_path):
         assert p.returncode == 0, log[-4000:]
 
     single = build()
-    expected = run(single, slice(0, B))
+    expected = run(single)
     got = [json.loads((tmp_path / f"metrics{i}.json").read_text()) for i in range(2)]
     assert got[0] == got[1]  # both processes report the same global metrics
     for e, g in zip(expected, got[0]):
@@ -97,8 +98,10 @@ if __name__ == "__main__":  # one of the two worker processes
     mesh = make_mesh(MeshConfig(data=1, fsdp=2))  # batch and params both split across the processes
     with jax.set_mesh(mesh):
         trainer = build(mesh)
-    half = B // 2
-    metrics = run(trainer, slice(pid * half, (pid + 1) * half))
+    half = B // 2  # every process holds the whole batch (gathered rollouts); local_rows picks its half
+    picked = trainer.local_rows(global_batch(0))
+    assert all(np.array_equal(picked[k], v[pid * half:(pid + 1) * half]) for k, v in global_batch(0).items())
+    metrics = run(trainer, trainer.local_rows)
     with open(os.path.join(out, f"metrics{pid}.json"), "w") as f:
         json.dump(metrics, f)
     leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(trainer.state.params)]

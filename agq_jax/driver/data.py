@@ -129,6 +129,7 @@ def synth_config(cfg, run_dir: str):
         s.progress = bool(cfg.get("verbose", True))
         s.teachers = cfg.teachers if cfg.teachers.get("base_url") else s.get("teachers", {})
         s.agentic.enabled = float(cfg.data.agentic_weight) > 0
+        s.agentic.domains = tuple(cfg.data.domains or ())   # procedural tasks only of the trained domains
         s.reasoning.enabled = float(cfg.data.reasoning_weight) > 0
     return s
 

@@ -23,8 +23,9 @@ from agq_jax.driver import data as D
 from agq_jax.driver.evaluate import episode_for_failure, evaluate, headline
 from agq_jax.driver.logs import MetricsLogger, round_summary
 from agq_jax.driver.policy import Policy, build_model, export_hf, make_mesh
-from agq_jax.driver.sft import build_sft_examples, sft_batch
+from agq_jax.driver.sft import build_sft_examples, procedural_sft_examples, sft_batch
 from agq_jax.driver.vocab import SpecialIds, load_run_tokenizer
+from agq_jax.rl.batch import collate
 
 MAX_FAILURES_KEPT = 256
 
@@ -119,6 +120,13 @@ class Driver:
         rl = self.cfg.rl
         plain = int(rl.top_k) == 0 and float(rl.top_p) >= 1.0
         return float(rl.temperature) if plain else 1.0
+
+    def _train_padding(self) -> dict:
+        """Padding of train batches: every batch to rollout.max_len (one compiled shape), or with
+        rollout.train_pad_multiple > 0 to its longest row rounded up to that multiple — a few shapes, but
+        attention cost grows with T^2, so short episodes in a long budget train several times faster."""
+        mult = int(self.cfg.rollout.get("train_pad_multiple", 0))
+        return {"pad_to_multiple": mult, "max_len": None} if mult > 0 else {"max_len": int(self.cfg.rollout.max_len)}
 
     def _sync_model(self):
         self.model = self.trainer.model()
@@ -233,8 +241,12 @@ class Driver:
     def _run_sft(self, r: int, items: list[D.Item]):
         cfg, m = self.cfg, self.meta
         s = cfg.sft
-        examples = build_sft_examples(items, self.tok, self.ids, cfg, max_len=int(cfg.rollout.max_len))
-        if not examples:
+        source = str(s.get("data", "round"))
+        if source not in ("round", "procedural"):
+            raise ValueError(f"config sft.data must be 'round' or 'procedural', got {source!r}")
+        examples = (build_sft_examples(items, self.tok, self.ids, cfg, max_len=int(cfg.rollout.max_len))
+                    if source == "round" else None)
+        if source == "round" and not examples:
             raise RuntimeError(f"round {r}: SFT is enabled but no item has verified gold replies that fit "
                                f"rollout.max_len={cfg.rollout.max_len}")
         if self.phase_kind != "sft":
@@ -242,9 +254,13 @@ class Driver:
         bar = self._bar(int(s.steps), m["sft_step"], f"round {r} SFT")
         while m["sft_step"] < int(s.steps):
             t = time.time()
-            batch = sft_batch(examples, m["sft_step"], int(s.batch_size), int(cfg.seed), r, self.ids.pad,
-                              max_len=int(cfg.rollout.max_len))
-            stats = self.trainer.train_batch(batch, stage="sft")
+            if source == "round":
+                batch = sft_batch(examples, m["sft_step"], int(s.batch_size), int(cfg.seed), r, self.ids.pad,
+                                  **self._train_padding())
+            else:
+                rows = procedural_sft_examples(cfg, self.tok, self.ids, r, m["sft_step"], int(s.batch_size))
+                batch = collate(rows, self.ids.pad, **self._train_padding())
+            stats = self.trainer.train_batch(self.trainer.local_rows(batch), stage="sft")
             m["sft_step"] += 1
             self._tick()
             stats = {f"sft/{k}": v for k, v in stats.items()}
@@ -340,7 +356,7 @@ class Driver:
         n_valid = len(groups)
         groups += dropped[:need - len(groups)]  # fill with zero-variance groups, loss-masked below
         eps = [e for grp in groups for e in grp]
-        packed = pack_episodes(eps, pad_id=self.ids.pad, max_len=int(cfg.rollout.max_len),  # one train shape
+        packed = pack_episodes(eps, pad_id=self.ids.pad, **self._train_padding(),
                                logprob_source="sampling" if self._loss_temperature() != 1.0 else "policy")
         rewards = packed["rewards"].reshape(len(groups), g)
         kw = {"std_normalize": bool(rl.std_normalize)} if str(rl.advantage) == "grpo" else {}
@@ -353,7 +369,7 @@ class Driver:
         train_batch = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
                        "loss_mask": loss_mask, "old_logprobs": packed["old_logprobs"], "advantages": adv.reshape(-1)}
         t_train = time.time()
-        stats = self.trainer.train_batch(train_batch, stage="grpo")
+        stats = self.trainer.train_batch(self.trainer.local_rows(train_batch), stage="grpo")  # rollouts are gathered
         self._sync_model()
         t_train = time.time() - t_train
         out = RolloutBatch(all_eps).metrics()

@@ -42,17 +42,26 @@ def expert_sequence(item: Item, tok, ids: SpecialIds, cfg, *, stop_on_tool_call:
 
 
 def build_sft_examples(items: list[Item], tok, ids: SpecialIds, cfg, *, max_len: int) -> list[dict]:
-    """Expert sequences of every item with gold replies that fit in `max_len` tokens."""
+    """Expert sequences of every item with gold replies that fit in `max_len` tokens.
+
+    cfg.sft.loss_on: "policy" (default) trains on the agent's tokens only; "all" also on the system prompt,
+    user and tool turns — a warm start for a randomly initialised model, which must first learn the worlds'
+    language (tool responses repeat ids from the calls: several times the copying signal per sequence)."""
+    loss_on = str(cfg.sft.get("loss_on", "policy"))
+    if loss_on not in ("policy", "all"):
+        raise ValueError(f"config sft.loss_on must be 'policy' or 'all', got {loss_on!r}")
     out = []
     for item in items:
         ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
         if ex is not None and len(ex["token_ids"]) <= max_len:
+            if loss_on == "all":
+                ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
             out.append(ex)
     return out
 
 
 def sft_batch(examples: list[dict], step: int, batch_size: int, seed: int, round_idx: int, pad_id: int,
-              max_len: int | None = None) -> dict[str, np.ndarray]:
+              max_len: int | None = None, pad_to_multiple: int = 64) -> dict[str, np.ndarray]:
     """Batch `step` of the SFT stream: epoch permutations seeded by (seed, round, epoch) — resumable by step."""
     from agq_jax.rl.batch import collate
 
@@ -61,4 +70,37 @@ def sft_batch(examples: list[dict], step: int, batch_size: int, seed: int, round
     for j in range(step * batch_size, (step + 1) * batch_size):
         perm = np.random.default_rng([seed, round_idx, 7, j // n]).permutation(n)
         rows.append(examples[int(perm[j % n])])
-    return collate(rows, pad_id, pad_to_multiple=64, max_len=max_len)
+    return collate(rows, pad_id, pad_to_multiple=pad_to_multiple, max_len=max_len)
+
+
+def procedural_sft_examples(cfg, tok, ids: SpecialIds, round_idx: int, step: int, batch_size: int) -> list[dict]:
+    """Batch `step` of a never-repeating stream of fresh procedural tasks' gold episodes (cfg.sft.data =
+    "procedural"): row g = step * batch_size + j is task g of the domains x branch-types cycle, seeded by
+    (seed, round, g) on its own split, so it is resumable by step and disjoint from the round's dataset and
+    the held-out set. Why: a randomly initialised tiny model trained on a fixed few thousand tasks memorises
+    them (measured: 95% next-token accuracy on its training tasks, 69% on fresh ones) instead of learning
+    to read the policy and copy ids; on a stream it cannot memorise."""
+    import zlib
+
+    from agq_jax.driver.data import AGENTIC, verify_gold
+    from agq_jax.envs.worlds.generator import BRANCH_TYPES, Knobs, all_domains, generate_task
+
+    domains = sorted(cfg.data.domains) if cfg.data.domains else all_domains()
+    combos = [(d, b) for d in domains for b in BRANCH_TYPES]
+    knobs = Knobs(level=int(cfg.synth.agentic.level))
+    out = []
+    g = step * batch_size
+    while len(out) < batch_size:
+        d, b = combos[g % len(combos)]
+        seed = zlib.crc32(f"{int(cfg.seed)}|{round_idx}|{g}".encode())
+        g += 1
+        task = generate_task(d, b, seed, knobs, split="sft")
+        item = Item(AGENTIC, task.id, task)
+        item.gold = verify_gold(item, cfg)
+        ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
+        if ex is not None and len(ex["token_ids"]) <= int(cfg.rollout.max_len):
+            if str(cfg.sft.get("loss_on", "policy")) == "all":
+                ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
+            out.append(ex)
+    return out
+

@@ -28,7 +28,7 @@ class SpecialIds:
         return cls(**ptok.special_ids(tok))
 
 
-def procedural_corpus(n_tasks: int = 120, seed: int = 12345, n_problems: int = 60) -> list[str]:
+def procedural_corpus(n_tasks: int = 600, seed: int = 12345, n_problems: int = 200) -> list[str]:
     """Texts the procedural BPE is trained on: rendered gold trajectories of every domain / branch at
     levels 0-2 plus procedural reasoning problems (a fixed seed stream, disjoint from training seeds)."""
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
@@ -38,7 +38,8 @@ def procedural_corpus(n_tasks: int = 120, seed: int = 12345, n_problems: int = 6
     texts = []
     for level in (0, 1, 2):
         for t in generate_tasks(n_tasks // 3, seed=seed + level, knobs=Knobs(level=level), split="corpus"):
-            texts.append(real.apply_chat_template(t.gold_trajectory, tokenize=False, enable_thinking=False))
+            tools = t.openai_tools(include_outputs=t.metadata.get("render_outputs", True))  # as the env renders them
+            texts.append(real.apply_chat_template(t.gold_trajectory, tools=tools, tokenize=False, enable_thinking=False))
     for p in generate_seed_set(n_problems, seed):
         texts.append(f"{p.question}\n\\boxed{{{p.answer}}}\n" + "\n".join(d["text"] for d in p.documents))
     return texts
@@ -59,7 +60,8 @@ def load_run_tokenizer(cfg, run_dir: str | os.PathLike, *, is_writer: bool = Tru
         vocab = int(cfg.tokenizer.vocab_size)
         if vocab <= 0:
             raise ValueError("config tokenizer.vocab_size must be > 0 for tokenizer.kind='procedural'")
-        return ptok.train_procedural_tokenizer(procedural_corpus(), vocab, path)
+        return ptok.train_procedural_tokenizer(procedural_corpus(), vocab, path,
+                                               pretokenizer=str(cfg.tokenizer.get("pretokenizer", "qwen2")))
     return ptok.load_procedural_tokenizer(path)
 
 

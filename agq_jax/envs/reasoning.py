@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from agq_jax.envs.parsing import parse_reply
 from agq_jax.envs.rewards import Reward
-from agq_jax.envs.runtime import StepResult, Termination, approx_token_count, render_tools_block
+from agq_jax.envs.runtime import Env, StepResult, Termination, approx_token_count, render_tools_block
 from agq_jax.envs.sandbox import PythonSandboxBackend, SandboxLimits
 from agq_jax.envs.search import CompositeBackend, SearchBackend
 from agq_jax.envs.tools import ToolBackend, ToolError
@@ -53,6 +53,7 @@ class ReasoningRecord:
     agent_turns: int = 0
     agent_tokens: int = 0
     counters: dict = field(default_factory=dict)
+    error: Optional[str] = None     # an exception that ended the episode (tool backend, agent)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,12 +77,20 @@ def default_tools(problem: ReasoningProblem, sandbox_limits: SandboxLimits = San
     return backends[0] if len(backends) == 1 else CompositeBackend(backends)
 
 
-class ReasoningEnv:
-    """One reasoning episode. Not thread-safe; make one per rollout."""
+class ReasoningEnv(Env):
+    """One reasoning episode. Not thread-safe; make one per rollout.
+
+    Reuses `runtime.Env`'s step bookkeeping (raw replies, turn and token counts, the assistant message, the
+    token-budget check, the agent-turn cap, `finish`, an exception in a tool backend ending the episode with
+    `error`); only what happens after a parsed reply differs (`_dispatch`) and what a finish records."""
+
+    _WHY = {Termination.MAX_TOKENS: "max_tokens", Termination.MAX_AGENT_TURNS: "max_turns",
+            Termination.USER_STOP: "final_answer", Termination.MALFORMED: "no_answer"}
 
     def __init__(self, problem: Union[ReasoningProblem, dict], tools: Optional[ToolBackend] = None,
                  limits: ReasoningLimits = ReasoningLimits(), embed_tools: bool = True,
                  token_counter: Callable[[str], int] = approx_token_count):
+        # Env.__init__ is not called: there is no Task, user simulator or state-backed tool set here.
         self.problem = _as_problem(problem)
         self.backend, self.limits, self.embed_tools, self.token_counter = tools, limits, embed_tools, token_counter
         self.tool_schemas: list[dict] = [s.to_openai(include_outputs=False) for s in tools.tool_schemas()] if tools else []
@@ -91,53 +100,39 @@ class ReasoningEnv:
     def reset(self) -> list[dict]:
         if self.backend is not None:
             self.backend.reset()
-        self.done, self._malformed_run = False, 0
+        self.done, self._malformed_run, self._why = False, 0, None
+        self.counters: Counter = Counter()
         system = SYSTEM_PROMPT + (render_tools_block(self.tool_schemas) if self.embed_tools and self.tool_schemas else "")
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": self.problem.question}]
         self.record = ReasoningRecord(problem_id=self.problem.id, messages=copy.deepcopy(msgs))
         return msgs
 
-    @property
-    def messages(self) -> list[dict]:
-        return self.record.messages if self.record else []
+    def _assistant_message(self, parsed) -> dict:
+        msg = super()._assistant_message(parsed)
+        msg["content"] = parsed.content.strip()
+        return msg
 
-    def step(self, reply: str, *, num_tokens: Optional[int] = None, truncated: bool = False) -> StepResult:
-        if self.record is None or self.done:
-            raise RuntimeError("step() called on a finished episode; call reset() first")
+    def _dispatch(self, parsed) -> tuple[list[dict], Optional[Termination]]:
+        """After `Env.step`'s bookkeeping: run tools, or take the final answer, or nudge (Env.step then ends
+        a tool turn at the agent-turn cap)."""
         rec = self.record
-        rec.raw_replies.append(reply)
-        rec.agent_turns += 1
-        rec.agent_tokens += num_tokens if num_tokens is not None else self.token_counter(reply)
-        parsed = parse_reply(reply)
-        msg: dict[str, Any] = {"role": "assistant", "content": parsed.content.strip()}
-        if parsed.thinking:
-            msg["reasoning_content"] = parsed.thinking
-        if parsed.tool_calls:
-            msg["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in parsed.tool_calls]
-        rec.messages.append(msg)
-        if truncated or (self.limits.max_total_tokens and rec.agent_tokens > self.limits.max_total_tokens):
-            return self._finish([], Termination.MAX_TOKENS, "max_tokens")
         fatal = [i for i in parsed.issues if i.fatal and i.kind != "empty_reply"]
         if parsed.tool_calls or fatal:
-            new = self._run_tools(parsed, fatal)
-            if rec.agent_turns >= self.limits.max_agent_turns:
-                return self._finish(new, Termination.MAX_AGENT_TURNS, "max_turns")
-            return self._finish(new, None, "")
+            return self._run_tools(parsed, fatal), None
         answer = extract_final_answer(parsed.content) or (extract_final_answer(parsed.answer) if parsed.answer else None)
         if parsed.answer and not answer:
             answer = parsed.answer.strip()
         if answer:
             rec.answer = answer
             rec.correct = answers_equivalent(answer, self.problem.answer)
-            return self._finish([], Termination.USER_STOP, "final_answer")
+            return [], Termination.USER_STOP
         self._count("no_answer_turns")
         self._malformed_run += 1
         if self._malformed_run >= self.limits.max_consecutive_malformed:
-            return self._finish([], Termination.MALFORMED, "no_answer")
+            return [], Termination.MALFORMED
         if rec.agent_turns >= self.limits.max_agent_turns:
-            return self._finish([], Termination.MAX_AGENT_TURNS, "max_turns")
-        return self._finish([{"role": "user", "content": NUDGE}], None, "")
+            return [], Termination.MAX_AGENT_TURNS
+        return [{"role": "user", "content": NUDGE}], None
 
     def reward(self) -> Reward:
         """1.0 for a correct final answer, else 0.0; components kept for diagnostics."""
@@ -147,7 +142,8 @@ class ReasoningEnv:
         return score_reasoning(self.problem, rec)
 
     def _count(self, key: str, n: int = 1) -> None:
-        self.record.counters[key] = self.record.counters.get(key, 0) + n
+        self.counters[key] += n
+        self.record.counters = dict(self.counters)
 
     def _run_tools(self, parsed, fatal) -> list[dict]:
         out = [{"role": "tool", "name": "parse_error", "content": json.dumps(
@@ -174,17 +170,25 @@ class ReasoningEnv:
         return out
 
     def finish(self, termination: Termination, error: Optional[str] = None) -> Optional[StepResult]:
-        """End a running episode from outside (the sampler's budget ran out); no-op if done. Same as `Env.finish`."""
+        """End a running episode from outside (the sampler's budget ran out); no-op if done. `record.finish`
+        becomes `error` when given, else the termination's value."""
         if self.record is None or self.done:
             return None
-        return self._finish([], Termination(termination), Termination(termination).value)
+        self._why = error or Termination(termination).value
+        if error:
+            self.record.error = error
+        return self._finish([], Termination(termination))
 
-    def _finish(self, new: list[dict], term: Optional[Termination], finish: str) -> StepResult:
-        self.record.messages.extend(copy.deepcopy(new))
+    def _finish(self, new: list[dict], term: Optional[Termination]) -> StepResult:
+        rec = self.record
+        rec.messages.extend(copy.deepcopy(new))
+        rec.counters = dict(self.counters)
+        finish = ""
         if term is not None:
+            finish = self._why or (rec.error if term == Termination.ERROR and rec.error else self._WHY.get(term, term.value))
             self.done = True
-            self.record.termination, self.record.finish = term.value, finish
-        return StepResult(new, term is not None, term, {"finish": finish, "counters": dict(self.record.counters)})
+            rec.termination, rec.finish = term.value, finish
+        return StepResult(new, term is not None, term, {"finish": finish, "counters": dict(rec.counters)})
 
 
 def score_reasoning(problem: Union[ReasoningProblem, dict], record: ReasoningRecord) -> Reward:
@@ -218,8 +222,8 @@ def run_reasoning_episode(problem: Union[ReasoningProblem, dict], agent: Callabl
         try:
             reply = agent(copy.deepcopy(env.messages))
         except Exception as e:  # noqa: BLE001 - agent failure ends this episode only
-            env.record.counters["agent_error"] = 1
-            env._finish([], Termination.ERROR, f"agent raised {type(e).__name__}: {e}")
+            env._count("agent_error")
+            env.finish(Termination.ERROR, error=f"agent raised {type(e).__name__}: {e}")
             return env.record
         if env.step(reply).done:
             return env.record

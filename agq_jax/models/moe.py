@@ -98,6 +98,23 @@ def experts_tiled(x, top_i, top_w, w_gate, w_up, w_down):
     return _experts_sorted(x, top_i, top_w, w_gate, w_up, w_down, grouped_matmul_tiled)
 
 
+def experts_gathered(x, top_i, top_w, w_gate, w_up, w_down):
+    """Each token runs its own k experts on weights gathered by index ([N,k,H,I]): reads exactly N*k experts'
+    weights and does no sort / tile padding, the cheapest dispatch when N*k <= E (decode of a few rows)."""
+    dt = x.dtype
+    gate = jnp.einsum("nh,nkhi->nki", x, jnp.take(w_gate, top_i, axis=0).astype(dt))
+    up = jnp.einsum("nh,nkhi->nki", x, jnp.take(w_up, top_i, axis=0).astype(dt))
+    out = jnp.einsum("nki,nkih->nkh", jax.nn.silu(gate) * up, jnp.take(w_down, top_i, axis=0).astype(dt))
+    return jnp.sum(out * top_w[..., None].astype(dt), axis=1)
+
+
+def use_gathered(impl: str, rows: int, top_k: int, num_experts: int) -> bool:
+    """The tiled (CPU) path switches to `experts_gathered` when the batch selects at most E (token, expert)
+    pairs: there it reads fewer expert weights than the tile-padded matmul. Not for ragged: on GPU/TPU with
+    experts sharded over the mesh a gather by index would all-gather the expert weights."""
+    return impl == "tiled" and rows * top_k <= num_experts
+
+
 def experts_dense(x, top_i, top_w, w_gate, w_up, w_down):
     """Oracle: every expert on every token, combined with a dense [N,E] weight matrix (test reference)."""
     n = x.shape[0]
@@ -108,7 +125,8 @@ def experts_dense(x, top_i, top_w, w_gate, w_up, w_down):
     return jnp.einsum("enh,ne->nh", y, combine)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "tiled": experts_tiled, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "tiled": experts_tiled, "dense": experts_dense,
+                "gathered": experts_gathered}
 
 
 class SparseMoeBlock(nnx.Module):
@@ -130,7 +148,8 @@ class SparseMoeBlock(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         probs, top_w, top_i = route(flat, self.gate[...], self.top_k, self.norm_topk_prob)
-        y = EXPERT_IMPLS[self.impl](flat, top_i, top_w, self.experts_gate_proj[...], self.experts_up_proj[...],
+        impl = "gathered" if use_gathered(self.impl, b * t, self.top_k, self.experts_gate_proj.shape[-3]) else self.impl
+        y = EXPERT_IMPLS[impl](flat, top_i, top_w, self.experts_gate_proj[...], self.experts_up_proj[...],
                                     self.experts_down_proj[...])
         y = constrain(y.reshape(b, t, h), ("batch", "seq", "act_embed"))
         return y, router_stats(probs, top_i, valid.reshape(-1))

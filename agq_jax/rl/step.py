@@ -252,6 +252,20 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self._row_sharding, np.asarray(v))
                 for k, v in local.items()}
 
+    def local_rows(self, global_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's rows of a batch every process holds whole (e.g. gathered rollouts): the contiguous
+        block `to_device` expects. One process: the batch itself."""
+        if self._row_sharding is None or jax.process_count() == 1:
+            return dict(global_batch)
+        b = int(np.shape(global_batch["input_ids"])[0])
+        shape = (b,) + tuple(np.shape(global_batch["input_ids"])[1:])
+        spans = sorted({(sl[0].start or 0, b if sl[0].stop is None else sl[0].stop)
+                        for sl in self._row_sharding.addressable_devices_indices_map(shape).values()})
+        lo, hi = spans[0][0], spans[-1][1]
+        if sum(e - s for s, e in spans) != hi - lo:
+            raise ValueError(f"process {jax.process_index()}'s rows {spans} of a {b}-row batch are not contiguous")
+        return {k: np.asarray(v)[lo:hi] for k, v in global_batch.items()}
+
     # ------------------------------------------------------------------ host API
     def compute_logprobs(self, local_batch: Mapping[str, np.ndarray], params=None) -> tuple[np.ndarray, np.ndarray]:
         """(logp, entropy) [B, T] for host-local rows under `params` (default: current policy).

@@ -1,0 +1,162 @@
+"""Equality tests of the performance paths (issue 6) against their reference paths, values and gradients.
+
+Blocked causal attention = jax's XLA attention (fp32) with left/right padding, GQA, lengths that are not a
+multiple of the block; "auto"/"blocked" resolve to it only for the no-cache causal forward, and a whole
+model gives the same logits and gradients either way. Gathered MoE experts (the few-token decode path of
+moe_impl="tiled") = the dense all-experts oracle, and a tiled MoE model decodes to its own full forward."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agq_jax.models import moe, qwen3
+
+TOL = 1e-5
+
+
+def _causal_mask(valid):
+    t = valid.shape[1]
+    idx = jnp.arange(t)
+    return ((idx[None, :] <= idx[:, None])[None] & valid[:, None, :])[:, None]
+
+
+def _inputs(b, t, n, kv, d, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for h in (n, kv, kv))
+    lengths = np.array([t, t - 3, t - 11, 5][:b])
+    valid = np.arange(t)[None] < lengths[:, None]          # rows 0-1 right padded
+    valid[-1] = np.arange(t) >= t - lengths[-1]             # last row left padded: its first queries see no key
+    return q, k, v, jnp.asarray(valid), jax.random.normal(jax.random.key(seed), (b, t, n, d))
+
+
+def _loss(fn, cot):
+    return jax.jit(jax.value_and_grad(lambda q, k, v, m: jnp.sum(fn(q, k, v, m) * cot), argnums=(0, 1, 2)))
+
+
+# (T, heads, kv heads, block, segments): single-block segments, lax.map segments (padded last segment when T is
+# not a block multiple), one block only, MHA (heads == kv heads) and GQA.
+@pytest.mark.parametrize("t,n,kv,block,segments", [(45, 4, 2, 16, 4), (64, 4, 4, 8, 4), (33, 6, 2, 4, 3),
+                                                   (100, 4, 2, 16, 2), (7, 2, 1, 32, 4)])
+def test_blocked_matches_xla_values_and_grads(t, n, kv, block, segments):
+    q, k, v, valid, cot = _inputs(4, t, n, kv, 16, seed=t)
+    mask = _causal_mask(valid)
+    scale = 16 ** -0.5
+    ref = lambda q, k, v, m: qwen3.attention(q, k, v, m, scale, "xla", causal=True)  # noqa: E731
+    blk = lambda q, k, v, m: qwen3.blocked_causal_attention(q, k, v, m, scale, block, segments)  # noqa: E731
+    out_ref, out_blk = jax.jit(ref)(q, k, v, mask), jax.jit(blk)(q, k, v, mask)
+    np.testing.assert_allclose(out_blk, out_ref, atol=TOL, rtol=TOL)  # every row, padding rows included
+    (val_r, g_r), (val_b, g_b) = _loss(ref, cot)(q, k, v, mask), _loss(blk, cot)(q, k, v, mask)
+    np.testing.assert_allclose(val_b, val_r, atol=TOL * float(jnp.sum(jnp.abs(out_ref * cot))))  # a sum of B*T*N*D terms
+    for name, a, b in zip("qkv", g_b, g_r):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL, err_msg=f"d/d{name}")
+
+
+def test_resolution_rules():
+    r = qwen3.resolve_attention_impl
+    long = 2 * qwen3.ATTENTION_BLOCK
+    assert r("auto", long, long, causal=True) == "blocked"      # tests run on CPU
+    assert r("auto", long - 1, long - 1, causal=True) == "xla"   # one block: nothing to skip
+    assert r("auto", 1, long, causal=False) == "xla"             # decode with a cache
+    gpu = dict(backend="gpu", head_dim=128)
+    assert r("auto", 256, 256, True, dtype=jnp.bfloat16, **gpu) == "cudnn"
+    assert r("auto", 2, 256, False, dtype=jnp.bfloat16, **gpu) == "cudnn"   # cache chunk: cuDNN with the mask
+    assert r("auto", 1, 256, False, dtype=jnp.bfloat16, **gpu) == "xla"     # one-token decode (odd length)
+    assert r("auto", 256, 256, True, dtype=jnp.float32, **gpu) == "xla"     # cuDNN flash needs bf16 / fp16
+    assert r("auto", 255, 255, True, dtype=jnp.bfloat16, **gpu) == "xla"    # odd length with a mask bias
+    assert r("auto", 256, 256, True, dtype=jnp.bfloat16, backend="gpu", head_dim=160) == "xla"
+    assert r("auto", 256, 256, True, dtype=jnp.bfloat16, backend="tpu", head_dim=128) == "xla"
+    assert r("blocked", 4, 64, causal=False) == "xla"            # KV-cache prefill / decode fall back
+    assert r("blocked", 64, 64, causal=False) == "xla"           # a non-causal mask is never block-skipped
+    assert r("xla", long, long, causal=True) == "xla"
+    with pytest.raises(ValueError, match="attention impl='flash'"):
+        r("flash", 8, 8, causal=True)
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match="square causal mask"):
+        qwen3.blocked_causal_attention(q, q[:, :4], q[:, :4], jnp.ones((1, 1, 8, 4), bool), 0.5)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = qwen3.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    ref = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    auto = qwen3.Qwen3ForCausalLM(dataclasses.replace(cfg, attention_impl="auto"), rngs=nnx.Rngs(0))
+    return ref, auto
+
+
+def test_model_auto_equals_xla_forward_grads_and_cache(models):
+    ref, auto = models
+    t = 2 * qwen3.ATTENTION_BLOCK + 9
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 128, (3, t)), jnp.int32)
+    mask = np.ones((3, t), np.int32)
+    mask[1, -20:] = 0       # right padding
+    mask[2, :13] = 0        # left padding
+    mask = jnp.asarray(mask)
+    weights = jnp.asarray(rng.normal(size=(3, t, 128)), jnp.float32) * mask[..., None]
+
+    def loss(model):
+        return jnp.sum(model(ids, attention_mask=mask).logits * weights)
+
+    val_r, g_r = nnx.jit(nnx.value_and_grad(loss))(ref)
+    val_a, g_a = nnx.jit(nnx.value_and_grad(loss))(auto)
+    np.testing.assert_allclose(val_a, val_r, rtol=1e-4)  # a sum of B*T*V terms
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_a)),
+                                 jax.tree_util.tree_leaves_with_path(nnx.state(g_r))):
+        # fp32 sums over B*T*V terms: 1e-5 of the gradient's scale
+        np.testing.assert_allclose(a, b, atol=TOL * float(jnp.max(jnp.abs(b))), err_msg=jax.tree_util.keystr(path))
+
+    # the cache path falls back: prefill + decode with "auto" equals the full forward
+    full = auto(ids[:1]).logits
+    cache = qwen3.init_cache(auto.config, 1, t)
+    out = auto(ids[:1, :-1], cache=cache)
+    step = auto(ids[:1, -1:], cache=out.cache)
+    np.testing.assert_allclose(step.logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out.logits, full[:, :-1], atol=1e-4, rtol=1e-4)
+
+
+# ---- MoE: gathered experts (few-token path of moe_impl="tiled") -------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 3, 12])  # n*k <= E (where the model uses it) and beyond (still exact)
+def test_gathered_experts_match_dense_values_and_grads(n):
+    e, k, h, i = 16, 4, 24, 32
+    ks = jax.random.split(jax.random.key(n), 5)
+    x = jax.random.normal(ks[0], (n, h))
+    router = jax.random.normal(ks[1], (h, e))
+    wg, wu = (0.3 * jax.random.normal(kk, (e, h, i)) for kk in ks[2:4])
+    wd = 0.3 * jax.random.normal(ks[4], (e, i, h))
+
+    def make(impl):
+        def f(x, router, wg, wu, wd):
+            _, top_w, top_i = moe.route(x, router, k, True)
+            return jnp.sum(jnp.sin(impl(x, top_i, top_w, wg, wu, wd)))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+
+    (val_g, g_g), (val_d, g_d) = make(moe.experts_gathered)(x, router, wg, wu, wd), \
+        make(moe.experts_dense)(x, router, wg, wu, wd)
+    np.testing.assert_allclose(val_g, val_d, rtol=TOL, atol=TOL)
+    for name, a, b in zip(("x", "router", "w_gate", "w_up", "w_down"), g_g, g_d):
+        assert np.abs(np.asarray(b)).max() > 0
+        np.testing.assert_allclose(a, b, atol=TOL * max(1.0, float(jnp.max(jnp.abs(b)))), err_msg=name)
+    assert moe.use_gathered("tiled", n, k, e) == (n * k <= e)
+    assert not moe.use_gathered("ragged", 1, k, e)
+
+
+def test_tiled_moe_model_decode_uses_gathered_and_matches_forward():
+    cfg = qwen3.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, model_type="qwen3_moe",
+                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                            moe_impl="tiled", initializer_range=0.2)
+    model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (1, 12)), jnp.int32)
+    full = model(ids).logits                                    # 12 rows * 2 > 8 experts: tiled path
+    cache = qwen3.init_cache(cfg, 1, 16)
+    out = model(ids[:, :8], cache=cache)
+    logits = [out.logits]
+    for j in range(8, 12):                                      # 1 row * 2 <= 8: gathered path
+        out = model(ids[:, j:j + 1], cache=out.cache)
+        logits.append(out.logits)
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=1e-4, rtol=1e-4)

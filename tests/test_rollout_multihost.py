@@ -1,0 +1,180 @@
+"""Multi-host rollouts: two CPU processes on localhost (jax.distributed), each stepping only its half of the
+envs, return the same episodes as one process running the whole batch.
+
+The policy is a tiny random Qwen3 built by the driver (`build_model`; in the workers, two CPU devices each,
+sharded over the 4-device two-process mesh, so sampling runs on a local 2-device mesh with a padded batch), the envs are real procedural mock-world tasks with the scripted user and state tools, the
+tokenizer is the driver tests' word-level one (tests/_train_tiny.py) so prompts stay short.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+N_TASKS, GROUP = 4, 2
+# (number of envs, sampling settings, rng seed): an even split and an uneven one with top-k.
+CASES = [(N_TASKS * GROUP, dict(temperature=1.0), 11), (5, dict(temperature=0.8, top_k=5), 12)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup():
+    """(config, tokenizer, tasks): identical on every process."""
+    from _train_tiny import action_tokenizer, load_tiny_config, system_prompts
+    from agq_jax.envs.worlds.generator import generate_tasks
+
+    tasks = generate_tasks(N_TASKS, seed=5)
+    words = sorted({w for t in tasks for m in t.gold_trajectory if m["role"] in ("user", "tool")
+                    for w in m["content"].split()})
+    actions = [r for t in tasks for r in t.gold_replies] + ["Goodbye.", "Sorry, I can't help with that."]
+    tok = action_tokenizer(actions, words, system_prompts(tasks))
+    cfg = load_tiny_config()
+    cfg.model.overrides.update(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16)
+    cfg.rollout.update(max_len=256, max_new_tokens_per_turn=3, max_agent_turns=4, max_user_turns=4, chunk_size=64)
+    return cfg, tok, tasks
+
+
+class CountingEnv:
+    """Delegates to a real env and counts reset/step calls (which rows this process ran)."""
+
+    def __init__(self, env):
+        self._env, self.resets, self.steps = env, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def reset(self):
+        self.resets += 1
+        return self._env.reset()
+
+    def step(self, *a, **kw):
+        self.steps += 1
+        return self._env.step(*a, **kw)
+
+
+def run_cases(policy, tasks) -> dict:
+    import jax
+
+    from agq_jax.driver.data import AGENTIC, Item, make_env
+    from agq_jax.rollout import SamplingParams
+
+    out = {"cases": [], "steps": [], "resets": []}
+    items = [Item(kind=AGENTIC, id=t.id, obj=t) for t in tasks]
+    for n, sp, seed in CASES:
+        envs = [CountingEnv(make_env(items[(i // GROUP) % len(items)], policy.cfg)) for i in range(n)]
+        batch = policy.rollouts(envs, params=SamplingParams(stop_ids=policy.stop_ids, **sp), rng=jax.random.key(seed),
+                                group_ids=[i // GROUP for i in range(n)])
+        out["cases"].append([episode_dict(e) for e in batch.episodes])
+        out["steps"].append([e.steps for e in envs])
+        out["resets"].append([e.resets for e in envs])
+    return out
+
+
+def episode_dict(e) -> dict:
+    return {"task_id": e.task_id, "group_id": e.group_id, "token_ids": list(e.token_ids), "loss_mask": list(e.loss_mask),
+            "logprobs": list(e.logprobs), "sample_logprobs": list(e.sample_logprobs), "prompt_len": e.prompt_len,
+            "turn_spans": [list(s) for s in e.turn_spans], "num_turns": e.num_turns, "termination": e.termination,
+            "overlong": e.overlong, "reward": e.reward, "reward_components": e.reward_components,
+            "reward_gates": e.reward_gates, "turn_finish": e.turn_finish, "messages": e.record.messages,
+            "record_type": type(e.record).__name__}
+
+
+def test_row_offset_key_matches_rows_of_the_whole_draw():
+    import jax
+
+    from agq_jax.driver.policy import row_bounds, row_offset_key
+
+    assert row_bounds(5, 2) == [(0, 3), (3, 5)] and row_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
+    key = jax.random.key(3)
+    logits = jax.random.normal(jax.random.key(1), (9, 50))
+    for off in (0, 4):
+        k = row_offset_key(key, off)
+        sub_full, sub_part = jax.random.split(key)[1], jax.random.split(k)[1]  # keys split like the sampler's
+        np.testing.assert_array_equal(jax.random.categorical(sub_full, logits)[off:],
+                                      jax.jit(jax.random.categorical)(sub_part, logits[off:]))
+        np.testing.assert_array_equal(jax.random.gumbel(sub_full, (9, 50))[off:off + 3], jax.random.gumbel(sub_part, (3, 50)))
+    with pytest.raises(ValueError, match="threefry2x32"):
+        row_offset_key(jax.random.key(0, impl="rbg"), 2)
+
+
+def test_two_process_rollouts_equal_one_process(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+    from agq_jax.driver.policy import Policy, build_model
+    from agq_jax.driver.vocab import SpecialIds
+
+    cfg, tok, tasks = setup()
+    ids = SpecialIds.of(tok)
+    policy = Policy(cfg, build_model(cfg, tok, ids), tok, ids)  # one process, no mesh: the reference
+    try:
+        ref = run_cases(policy, tasks)
+    finally:
+        policy.close()
+
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("two-process workers timed out")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    got = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+
+    assert max(e["num_turns"] for case in ref["cases"] for e in case) >= 2  # real multi-turn episodes
+    for c, (n, _, _) in enumerate(CASES):
+        half = -(-n // 2)
+        # each process reset and stepped exactly its own contiguous half of the envs
+        for pid, (lo, hi) in enumerate([(0, half), (half, n)]):
+            mine = np.arange(n)[lo:hi]
+            assert [got[pid]["resets"][c][i] for i in range(n)] == [int(lo <= i < hi) for i in range(n)]
+            assert all(got[pid]["steps"][c][i] >= 1 for i in mine)
+            assert sum(got[pid]["steps"][c]) == sum(ref["steps"][c][i] for i in mine)
+        assert got[0]["cases"][c] == got[1]["cases"][c]  # both processes hold the same full list
+        assert len(got[0]["cases"][c]) == n
+        for i, (r, g) in enumerate(zip(ref["cases"][c], got[0]["cases"][c])):
+            for key in ("logprobs", "sample_logprobs"):
+                np.testing.assert_allclose(g.pop(key), r.pop(key), atol=1e-5, err_msg=f"case {c} row {i} {key}")
+            assert g == r, f"case {c} row {i}"
+
+
+if __name__ == "__main__":  # one of the two worker processes
+    port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    import jax
+
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=300)
+    from agq_jax.driver.policy import Policy, build_model
+    from agq_jax.driver.vocab import SpecialIds
+    from agq_jax.models.sharding import MeshConfig, make_mesh
+
+    assert jax.process_count() == 2 and jax.device_count() == 4
+    cfg, tok, tasks = setup()
+    ids = SpecialIds.of(tok)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4))  # the driver's layout: params split across all 4 devices
+    policy = Policy(cfg, build_model(cfg, tok, ids, mesh), tok, ids, mesh)
+    try:
+        result = run_cases(policy, tasks)
+        assert policy._local[1].mesh is not None and policy._local[1].batch_multiple == 2  # local 2-device mesh
+    finally:
+        policy.close()
+    with open(os.path.join(out, f"out{pid}.json"), "w") as f:
+        json.dump(result, f)
+    jax.distributed.shutdown()
