@@ -47,17 +47,25 @@ def build_sft_examples(items: list[Item], tok, ids: SpecialIds, cfg, *, max_len:
     cfg.sft.loss_on: "policy" (default) trains on the agent's tokens only; "all" also on the system prompt,
     user and tool turns — a warm start for a randomly initialised model, which must first learn the worlds'
     language (tool responses repeat ids from the calls: several times the copying signal per sequence)."""
+    out = []
+    for item in items:
+        ex = _training_example(item, tok, ids, cfg, max_len)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def _training_example(item: Item, tok, ids: SpecialIds, cfg, max_len: int) -> dict | None:
+    """The item's expert sequence with cfg.sft.loss_on applied, or None (no gold / longer than max_len)."""
     loss_on = str(cfg.sft.get("loss_on", "policy"))
     if loss_on not in ("policy", "all"):
         raise ValueError(f"config sft.loss_on must be 'policy' or 'all', got {loss_on!r}")
-    out = []
-    for item in items:
-        ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
-        if ex is not None and len(ex["token_ids"]) <= max_len:
-            if loss_on == "all":
-                ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
-            out.append(ex)
-    return out
+    ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
+    if ex is None or len(ex["token_ids"]) > max_len:
+        return None
+    if loss_on == "all":
+        ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
+    return ex
 
 
 def sft_batch(examples: list[dict], step: int, batch_size: int, seed: int, round_idx: int, pad_id: int,
@@ -97,10 +105,8 @@ def procedural_sft_examples(cfg, tok, ids: SpecialIds, round_idx: int, step: int
         task = generate_task(d, b, seed, knobs, split="sft")
         item = Item(AGENTIC, task.id, task)
         item.gold = verify_gold(item, cfg)
-        ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
-        if ex is not None and len(ex["token_ids"]) <= int(cfg.rollout.max_len):
-            if str(cfg.sft.get("loss_on", "policy")) == "all":
-                ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
+        ex = _training_example(item, tok, ids, cfg, int(cfg.rollout.max_len))
+        if ex is not None:
             out.append(ex)
     return out
 
