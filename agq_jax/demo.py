@@ -63,10 +63,13 @@ def chat_with_export(export_dir: str, cfg, max_new_tokens: int = 96) -> str:
     from agq_jax.driver.data import heldout_items, make_env
 
     item = heldout_items(cfg)[0]
-    messages = make_env(item, cfg).reset()
+    env = make_env(item, cfg)
+    messages = env.reset()
+    tools = None if getattr(env, "embed_tools", False) else (env.tool_schemas or None)  # as the rollouts render it
     tok = AutoTokenizer.from_pretrained(export_dir)
-    model = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32)
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=False,
+                                  return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("</tool_call>")]
     with torch.no_grad():

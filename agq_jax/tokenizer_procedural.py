@@ -77,6 +77,9 @@ def train_procedural_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: s
         str(ids[c]): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                       "special": s} for c, s in qtok.ADDED_TOKENS}
     config["model_max_length"] = 32768
+    # Not Qwen2Tokenizer: AutoTokenizer would rebuild Qwen2's split regex over our pre-tokenizer, so a
+    # transformers user of an export would feed the model ids it never saw ("phrases" prompts ~30x longer).
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

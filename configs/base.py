@@ -78,8 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
         mini_batch_size=16,         # tasks per optimizer step (x group_size rows)
         micro_batch_size=0,         # rows per forward/backward (gradient accumulation); 0 = mini-batch
         ppo_epochs=1,               # mu
+        reward="rubric",            # what GRPO optimises: rubric (partial credit) | success (0/1) | rubric+success
         advantage="grpo",           # grpo | drgrpo | rloo
         std_normalize=True,
+        negative_weight=1.0,        # scale of negative advantages (1 = GRPO; < 1 leans on reinforcing successes)
         policy_loss="ppo_clip",     # ppo_clip | gspo
         clip_low=0.2,
         clip_high=0.28,

@@ -135,6 +135,28 @@ def test_entropy_dynamic_sampling_overlong():
                                [0, -0.5, -0.75, -1.0, -1.0])
 
 
+def test_training_rewards_hand_values():
+    rubric = np.array([[1.0, 2 / 3, 0.0, 1.0 - 1e-12]])
+    np.testing.assert_allclose(algo.training_reward("rubric", rubric), rubric.astype(np.float32))
+    np.testing.assert_allclose(algo.training_reward("success", rubric), [[1.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(algo.training_reward("rubric+success", rubric), [[1.0, 1 / 3, 0.0, 1.0]], rtol=1e-6)
+    # a group that differs only in partial credit carries no signal under "success" (dynamic sampling drops it)
+    partial = np.array([[0.5, 2 / 3, 0.0, 0.25]])
+    assert not algo.zero_variance_groups(algo.training_reward("rubric", partial))[0]
+    assert algo.zero_variance_groups(algo.training_reward("success", partial))[0]
+    with pytest.raises(KeyError, match="training reward 'binary'"):
+        algo.training_reward("binary", rubric)
+
+
+def test_negative_advantage_weight_hand_values():
+    adv = algo.compute_advantages(np.array([[1.0, 0.0, 0.0, 0.0]]), "grpo")  # mean 0.25, std(ddof=1) 0.5
+    np.testing.assert_allclose(adv, [[1.5, -0.5, -0.5, -0.5]], rtol=1e-5)
+    np.testing.assert_allclose(algo.weight_negative_advantages(adv, 0.25), [[1.5, -0.125, -0.125, -0.125]], rtol=1e-5)
+    np.testing.assert_allclose(algo.weight_negative_advantages(adv, 1.0), adv)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        algo.weight_negative_advantages(adv, -1.0)
+
+
 def test_collate_and_advantages_batch():
     samples = [{"token_ids": [5, 6, 7], "loss_mask": [0, 1, 1], "logprobs": [0, -0.1, -0.2]},
                {"token_ids": [5, 6], "loss_mask": [1, 1], "logprobs": [-9, -0.3]}]

@@ -2,22 +2,13 @@
 take the same GRPO steps as one process with the whole batch."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _multiprocess import init_worker, start_workers, wait_workers
 
 B, T, VOCAB, ROUNDS = 8, 16, 128, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(mesh=None):
@@ -58,21 +49,7 @@ def run(trainer, select=dict):
 
 
 def test_two_process_step_equals_one_process(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("two-process workers timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    wait_workers(start_workers(__file__, tmp_path, devices_per_process=1), timeout_s=600)
 
     single = build()
     expected = run(single)
@@ -88,10 +65,8 @@ def test_two_process_step_equals_one_process(tmp_path):
 
 
 if __name__ == "__main__":  # one of the two worker processes
-    port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    pid, out = init_worker()
     import jax
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                               initialization_timeout=300)
     from jax.experimental import multihost_utils
     from agq_jax.models.sharding import MeshConfig, make_mesh
     assert jax.process_count() == 2 and jax.device_count() == 2

@@ -7,25 +7,15 @@ tokenizer is the driver tests' word-level one (tests/_train_tiny.py) so prompts 
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+from _multiprocess import init_worker, start_workers, wait_workers
 
 N_TASKS, GROUP = 4, 2
 # (number of envs, sampling settings, rng seed): an even split and an uneven one with top-k.
 CASES = [(N_TASKS * GROUP, dict(temperature=1.0), 11), (5, dict(temperature=0.8, top_k=5), 12)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup():
@@ -109,11 +99,7 @@ def test_row_offset_key_matches_rows_of_the_whole_draw():
 
 
 def test_two_process_rollouts_equal_one_process(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = start_workers(__file__, tmp_path, devices_per_process=2)
 
     from agq_jax.driver.policy import Policy, build_model
     from agq_jax.driver.vocab import SpecialIds
@@ -126,16 +112,7 @@ def test_two_process_rollouts_equal_one_process(tmp_path):
     finally:
         policy.close()
 
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("two-process workers timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    wait_workers(procs, timeout_s=300)
     got = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
 
     assert max(e["num_turns"] for case in ref["cases"] for e in case) >= 2  # real multi-turn episodes
@@ -156,11 +133,9 @@ def test_two_process_rollouts_equal_one_process(tmp_path):
 
 
 if __name__ == "__main__":  # one of the two worker processes
-    port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    pid, out = init_worker()
     import jax
 
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                               initialization_timeout=300)
     from agq_jax.driver.policy import Policy, build_model
     from agq_jax.driver.vocab import SpecialIds
     from agq_jax.models.sharding import MeshConfig, make_mesh

@@ -91,7 +91,8 @@ def round_summary(round_idx: int, grpo_rows: list[Mapping[str, float]], evals: M
     lines = [f"=== round {round_idx} ({wall_s:.0f}s) === data: "
              + ", ".join(f"{k} {v}" for k, v in data_counts.items())]
     if grpo_rows:
-        fields = [("reward", "rollout/reward_mean"), ("zero-var", "grpo/zero_variance_frac"),
+        fields = [("reward", "rollout/reward_mean"), ("success", "rollout/success_rate"),
+                  ("zero-var", "grpo/zero_variance_frac"),
                   ("clip", "train/clip_frac"), ("entropy", "train/entropy"), ("kl", "train/kl"),
                   ("|lp diff|", "train/logprob_diff_first"), ("tok/s", "perf/tokens_per_s"),
                   ("resp len", "rollout/response_length_mean")]

@@ -41,12 +41,24 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _check_rl_names(cfg):
+    """Fail before any work on a misspelt registry name, naming the config key."""
+    from agq_jax.rl import algo
+
+    for key, table, kind in (("reward", algo.TRAINING_REWARDS, "training reward"),
+                             ("advantage", algo.ADVANTAGES, "advantage estimator")):
+        name = str(cfg.rl.get(key, "rubric" if key == "reward" else "grpo"))
+        if name not in table:
+            raise ValueError(f"config rl.{key}={name!r}: unknown {kind}; registered: {sorted(table)}")
+
+
 class Driver:
     def __init__(self, cfg, *, stop_after: Optional[int] = None, progress: bool = True, tokenizer=None,
                  train_items: Optional[list] = None, heldout_items: Optional[list] = None):
         """`tokenizer` (with cfg.tokenizer.kind="procedural") replaces the trained BPE and is saved into the
         run dir; `train_items` / `heldout_items` replace the flywheel datasets / the held-out set (tests)."""
         self.cfg = cfg
+        _check_rl_names(cfg)
         self.run_dir = os.path.abspath(cfg.run_dir or os.path.join("runs", cfg.name))
         self.is_writer = jax.process_index() == 0
         self.stop_after = stop_after
@@ -137,17 +149,25 @@ class Driver:
         # advanced the (nested, mutable) data cursors and failures in place; a resumed run then skipped
         # the items of the step it re-runs.
         meta = copy.deepcopy(dict(self.meta, trainer=self.phase_kind))
-        self.ckpt.save(int(self.meta["global_step"]), {"train": self.trainer.state}, meta, force=True)
+        trees = {"train": self.trainer.state}
+        if self.trainer.ref_params is not None:  # the KL reference is the policy GRPO started from (after SFT)
+            trees["kl_reference"] = self.trainer.ref_params
+        self.ckpt.save(int(self.meta["global_step"]), trees, meta, force=True)
 
     def _restore(self, step: int):
         # SFT and GRPO trainers share the state structure (same optimizer chain), so restore into a GRPO
         # trainer, read which one was running from the metadata and hand the state to that kind.
         self._make_trainer("grpo")
-        trees, meta = self.ckpt.restore({"train": self.trainer.state}, step)
+        targets = {"train": self.trainer.state}
+        if self.trainer.ref_params is not None and "kl_reference" in self.ckpt.saved_trees(step):
+            targets["kl_reference"] = self.trainer.ref_params
+        trees, meta = self.ckpt.restore(targets, step)
         kind = meta.pop("trainer", None) or "grpo"
         if kind != "grpo":
             self._make_trainer(kind)
         self.trainer.state = trees["train"]
+        if "kl_reference" in trees:
+            self.trainer.ref_params = trees["kl_reference"]
         self.meta.update(meta)
         self._sync_model()
         if self.progress:
@@ -346,7 +366,8 @@ class Driver:
                 rewards = np.asarray([e.reward for e in eps], np.float32)
                 n_groups += 1
                 self._note_failure(it, eps, rewards)
-                keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(rewards[None])[0])
+                shaped = np.asarray(algo.training_reward(str(rl.reward), rewards))
+                keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(shaped[None])[0])
                 (valid if keep else dropped).append(eps)
             if len(valid) >= need or refills >= int(rl.max_refill_batches) or not rl.dynamic_sampling:
                 break
@@ -358,9 +379,11 @@ class Driver:
         eps = [e for grp in groups for e in grp]
         packed = pack_episodes(eps, pad_id=self.ids.pad, **self._train_padding(),
                                logprob_source="sampling" if self._loss_temperature() != 1.0 else "policy")
-        rewards = packed["rewards"].reshape(len(groups), g)
+        rewards = np.asarray(algo.training_reward(str(rl.reward), packed["rewards"])).reshape(len(groups), g)
         kw = {"std_normalize": bool(rl.std_normalize)} if str(rl.advantage) == "grpo" else {}
         adv = np.array(algo.compute_advantages(rewards, str(rl.advantage), **kw), np.float32)
+        if float(rl.get("negative_weight", 1.0)) != 1.0:
+            adv = np.array(algo.weight_negative_advantages(adv, float(rl.negative_weight)), np.float32)
         adv[n_valid:] = 0.0
         loss_mask = packed["loss_mask"].copy()
         loss_mask[n_valid * g:] = 0.0
@@ -378,6 +401,8 @@ class Driver:
         out.update({"grpo/zero_variance_frac": (n_groups - len(valid)) / max(n_groups, 1),
                     "grpo/valid_groups": float(n_valid), "grpo/refills": float(refills),
                     "grpo/groups_sampled": float(n_groups), "rollout/reward_std": float(np.std([e.reward for e in all_eps])),
+                    "rollout/success_rate": float(np.mean([e.reward >= algo.SUCCESS_THRESHOLD for e in all_eps])),
+                    "grpo/train_reward_mean": float(rewards.mean()),
                     "perf/rollout_s": t_roll, "perf/train_s": t_train,
                     "perf/tokens_per_s": gen_tokens / max(t_roll, 1e-9),
                     "perf/train_tokens_per_s": float(packed["attention_mask"].sum()) / max(t_train, 1e-9)})

@@ -22,6 +22,7 @@ ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
 AGGREGATIONS: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
+TRAINING_REWARDS: dict[str, Callable] = {}
 
 
 def _register(table: dict, kind: str):
@@ -39,6 +40,7 @@ register_advantage = _register(ADVANTAGES, "advantage estimator")
 register_policy_loss = _register(POLICY_LOSSES, "policy loss")
 register_aggregation = _register(AGGREGATIONS, "loss aggregation")
 register_kl = _register(KL_ESTIMATORS, "KL estimator")
+register_training_reward = _register(TRAINING_REWARDS, "training reward")
 
 
 def lookup(table: dict, name: str, kind: str) -> Callable:
@@ -85,6 +87,16 @@ def rloo_advantages(rewards, **_):
     if g < 2:
         raise ValueError(f"rloo needs group_size >= 2, got {g}")
     return (r - r.mean(axis=1, keepdims=True)) * (g / (g - 1))
+
+
+def weight_negative_advantages(advantages, weight: float):
+    """Scale the negative advantages by `weight` (1 = plain GRPO). Below 1 the update leans on reinforcing
+    successes (which sharpens the policy) over pushing failures down (which spreads their probability over
+    every other token, raising entropy on tokens the reward never looks at)."""
+    a = jnp.asarray(advantages, jnp.float32)
+    if weight < 0:
+        raise ValueError(f"negative-advantage weight must be >= 0, got {weight}")
+    return jnp.where(a < 0, weight * a, a)
 
 
 def compute_advantages(rewards, estimator: str = "grpo", **kwargs):
@@ -227,6 +239,35 @@ def kl_k3(logp, ref_logp, clamp: float = 10.0):
 
 def kl_estimate(name: str, logp, ref_logp):
     return lookup(KL_ESTIMATORS, name, "KL estimator")(logp, ref_logp)
+
+
+# ----------------------------------------------------------------------------- training rewards
+# What GRPO optimises, from the rubric reward in [0, 1] (sub-goal fraction x gates; 1 = success). The
+# evaluation always reports the rubric reward and success; only the advantage sees the shaped value.
+
+SUCCESS_THRESHOLD = 1.0 - 1e-9
+
+
+@register_training_reward("rubric")
+def reward_rubric(rubric):
+    """Partial credit: every met sub-goal counts (dense, but a policy can climb it without succeeding)."""
+    return jnp.asarray(rubric, jnp.float32)
+
+
+@register_training_reward("success")
+def reward_success(rubric):
+    """1 for a task completed (every sub-goal met, no gate failed), else 0: the pass@k objective itself."""
+    return (jnp.asarray(rubric, jnp.float32) >= SUCCESS_THRESHOLD).astype(jnp.float32)
+
+
+@register_training_reward("rubric+success")
+def reward_rubric_success(rubric):
+    """Half partial credit, half success: success always outranks any partial episode."""
+    return 0.5 * (reward_rubric(rubric) + reward_success(rubric))
+
+
+def training_reward(name: str, rubric):
+    return lookup(TRAINING_REWARDS, name, "training reward")(rubric)
 
 
 # ----------------------------------------------------------------------------- entropy

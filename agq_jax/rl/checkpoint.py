@@ -86,6 +86,11 @@ class CheckpointManager:
                for name in targets}
         return out, meta_doc["user"]
 
+    def saved_trees(self, step: int) -> list[str]:
+        """Names of the pytrees saved at `step` (so a caller can restore optional ones)."""
+        meta_doc = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        return sorted(meta_doc["paths"])
+
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
