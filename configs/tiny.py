@@ -15,7 +15,7 @@ Why a fresh task per SFT row (sft.data="procedural"): trained on a fixed 2,000 t
 Why GRPO on rl.reward="success" with a k3 KL to the SFT policy: after SFT most sampled failures are one
 mis-copied id digit; on the rubric's partial credit GRPO raised held-out reward while pass@1 fell (it paid
 for sub-goals met on the way to a failure), and without the KL term greedy pass@1 drifted down (measured
-on 120 held-out tasks x 4 samples from the same SFT checkpoint; see README "Status").
+on 120 held-out tasks x 4 samples from the same SFT checkpoint; README, "How GRPO got there").
 """
 import importlib.util
 import pathlib

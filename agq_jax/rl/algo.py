@@ -245,7 +245,7 @@ def kl_estimate(name: str, logp, ref_logp):
 # What GRPO optimises, from the rubric reward in [0, 1] (sub-goal fraction x gates; 1 = success). The
 # evaluation always reports the rubric reward and success; only the advantage sees the shaped value.
 
-SUCCESS_THRESHOLD = 1.0 - 1e-9
+SUCCESS_THRESHOLD = 1.0 - 1e-9   # = envs.rewards.RewardConfig.success_threshold (what pass@k counts)
 
 
 @register_training_reward("rubric")
