@@ -56,13 +56,20 @@ def test_sorted_dispatch_handles_empty_experts(expert_inputs):
         np.testing.assert_allclose(np.asarray(impl(x, top_i, top_w, wg, wu, wd)), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("m,tile", [(1, None), (7, 1), (40, 4), (40, 64)])
+@pytest.mark.parametrize("m,tile", [(1, None), (7, 1), (40, 4), (40, 64), (300, 128)])
 def test_tiled_grouped_matmul_equals_ragged_dot(m, tile):
+    """Values and gradients (x and w) of both tile paths: looped small tiles, batched 128-row tiles."""
     rng = np.random.RandomState(m)
-    sizes = rng.multinomial(m, np.ones(E) / E).astype(np.int32)
+    sizes = jnp.asarray(rng.multinomial(m, np.ones(E) / E).astype(np.int32))
     x, w = jnp.asarray(rng.randn(m, H), jnp.float32), jnp.asarray(rng.randn(E, H, I), jnp.float32)
-    np.testing.assert_allclose(np.asarray(moe.grouped_matmul_tiled(x, w, jnp.asarray(sizes), tile)),
-                               np.asarray(jax.lax.ragged_dot(x, w, jnp.asarray(sizes))), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(moe.grouped_matmul_tiled(x, w, sizes, tile)),
+                               np.asarray(jax.lax.ragged_dot(x, w, sizes)), atol=1e-4)
+    cot = jnp.asarray(rng.randn(m, I), jnp.float32)
+    grads = [jax.grad(lambda x, w: (f(x, w) * cot).sum(), argnums=(0, 1))(x, w)
+             for f in (lambda x, w: moe.grouped_matmul_tiled(x, w, sizes, tile),
+                       lambda x, w: jax.lax.ragged_dot(x, w, sizes))]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])

@@ -55,8 +55,13 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
 
 def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int | None = None):
     """Same result as `jax.lax.ragged_dot(x, w, group_sizes)` by padding every group to whole row tiles and
-    running one batched matmul with per-tile weights. XLA:CPU lowers ragged_dot densely (tens of times slower
-    than its flops); this keeps CPU runs (tests, demos) fast. x [M,K] sorted by group, w [G,K,N]."""
+    multiplying each tile by its group's weights. XLA:CPU lowers ragged_dot densely (tens of times slower
+    than its flops); this keeps CPU runs (tests, demos) fast. x [M,K] sorted by group, w [G,K,N].
+
+    Small tiles (decode, short prefill) loop over tiles reading w[group] in place; full 128-row tiles use one
+    batched matmul over gathered weights. Measured on 2 CPU cores (E=16, k=4, 512x256 experts), forward:
+    8 rows 14.5 ms batched vs 1.9 ms looped, 128 rows 19.5 vs 6.7 ms; but forward+backward at 2,048 rows
+    the loop is ~15% slower (its weight gradient is scattered tile by tile), hence the switch at 128."""
     m, k = x.shape
     g = w.shape[0]
     tile = tile or min(128, 1 << max(0, (2 * m // g) - 1).bit_length())  # ~2x the mean group size
@@ -68,7 +73,11 @@ def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, til
     dest = padded_start[row_group] + jnp.arange(m) - group_start[row_group]
     buf = jnp.zeros((n_tiles * tile, k), x.dtype).at[dest].set(x)
     tile_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right"), g - 1)
-    out = jnp.einsum("tmk,tkn->tmn", buf.reshape(n_tiles, tile, k), jnp.take(w, tile_group, axis=0))
+    tiles = buf.reshape(n_tiles, tile, k)
+    if tile < 128:
+        out = jax.lax.map(lambda t: t[0] @ w[t[1]], (tiles, tile_group))
+    else:
+        out = jnp.einsum("tmk,tkn->tmn", tiles, jnp.take(w, tile_group, axis=0))
     return jnp.take(out.reshape(n_tiles * tile, -1), dest, axis=0)
 
 
