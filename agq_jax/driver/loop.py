@@ -47,7 +47,7 @@ def _check_rl_names(cfg):
 
     for key, table, kind in (("reward", algo.TRAINING_REWARDS, "training reward"),
                              ("advantage", algo.ADVANTAGES, "advantage estimator")):
-        name = str(cfg.rl.get(key, "rubric" if key == "reward" else "grpo"))
+        name = str(cfg.rl[key])
         if name not in table:
             raise ValueError(f"config rl.{key}={name!r}: unknown {kind}; registered: {sorted(table)}")
 
@@ -382,8 +382,7 @@ class Driver:
         rewards = np.asarray(algo.training_reward(str(rl.reward), packed["rewards"])).reshape(len(groups), g)
         kw = {"std_normalize": bool(rl.std_normalize)} if str(rl.advantage) == "grpo" else {}
         adv = np.array(algo.compute_advantages(rewards, str(rl.advantage), **kw), np.float32)
-        if float(rl.get("negative_weight", 1.0)) != 1.0:
-            adv = np.array(algo.weight_negative_advantages(adv, float(rl.negative_weight)), np.float32)
+        adv = np.array(algo.weight_negative_advantages(adv, float(rl.negative_weight)), np.float32)  # 1.0: unchanged
         adv[n_valid:] = 0.0
         loss_mask = packed["loss_mask"].copy()
         loss_mask[n_valid * g:] = 0.0
