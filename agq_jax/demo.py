@@ -93,6 +93,9 @@ def main() -> int:
     result = Driver(cfg).run()
     wall = time.time() - t0
     print("\n" + comparison_table(result["evals"]))
+    print(f"({cfg.data.heldout_tasks} held-out tasks, same tasks and seeds for both columns. greedy_*: one greedy "
+          f"episode per task; pass@1 / pass@k: mean / any success over {cfg.eval.k} samples per task at "
+          f"T={cfg.eval.temperature}; pass^k: all k succeed; reward: the rubric's partial credit in [0, 1].)")
     print(f"\nflywheel wall time: {wall:.0f}s; export: {result['export']}")
     print("\n" + chat_with_export(result["export"], cfg))
     return 0
