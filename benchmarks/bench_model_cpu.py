@@ -3,8 +3,7 @@
 Prefill: one forward over [batch, prompt_len] (tokens/s = batch * prompt_len / time).
 Decode: greedy generation of `new_tokens` after the prompt with a KV cache, prefill included on both sides
 (agq_jax: jitted prefill + jitted one-token step with argmax on device, jax.jit over the split weights as the
-Sampler runs it; transformers: `generate`, sdpa attention). MoE layers with moe_impl=tiled use the gathered-
-experts path when a step selects at most num_experts (token, expert) pairs (batch-1 decode).
+Sampler runs it; transformers: `generate`, sdpa attention). The two sides are timed alternately, best of --repeats each.
 Prints one JSON line per measurement, then a table with the ratio agq_jax / transformers (target >= 1.0).
 
 Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batches 1 8] [--moe [--moe-impl tiled]]
@@ -47,14 +46,16 @@ def build(args, out_dir):
     return hf, qwen3.from_pretrained(out_dir, dtype=jnp.float32, moe_impl=args.moe_impl)
 
 
-def best_of(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
+def best_of_pair(fn_a, fn_b, repeats):
+    """Min wall time of each, measured alternately so a slow spell of the host hits both sides alike."""
+    fn_a(), fn_b()  # warm-up / compile
+    times = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, ts in zip((fn_a, fn_b), times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return min(times[0]), min(times[1])
 
 
 # jax.jit over (static graphdef, weights) as agq_jax.rollout.Sampler runs the model: nnx.jit re-walks the module
@@ -91,7 +92,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--moe", action="store_true")
     ap.add_argument("--moe-impl", default="tiled", choices=["tiled", "ragged", "dense"],
                     help="expert computation (ragged_dot is lowered densely by XLA:CPU; tiled is the CPU choice)")
@@ -116,8 +117,8 @@ def main():
                 hf(ids_t)
 
         graphdef, state = nnx.split(ours)
-        t_agq = best_of(lambda: _forward(graphdef, state, ids_j).block_until_ready(), args.repeats)
-        t_hf = best_of(hf_fwd, args.repeats)
+        t_agq, t_hf = best_of_pair(lambda: _forward(graphdef, state, ids_j).block_until_ready(), hf_fwd,
+                                   args.repeats)
         rows.append(("prefill", batch, batch * args.prompt_len / t_agq, batch * args.prompt_len / t_hf))
 
         def hf_gen():
@@ -126,8 +127,7 @@ def main():
                                    do_sample=False)[:, args.prompt_len:].numpy()
 
         assert (agq_generate(ours, ids_j, args.new_tokens) == hf_gen()).mean() > 0.9  # same greedy tokens
-        t_agq = best_of(lambda: agq_generate(ours, ids_j, args.new_tokens), args.repeats)
-        t_hf = best_of(hf_gen, args.repeats)
+        t_agq, t_hf = best_of_pair(lambda: agq_generate(ours, ids_j, args.new_tokens), hf_gen, args.repeats)
         rows.append(("decode", batch, batch * args.new_tokens / t_agq, batch * args.new_tokens / t_hf))
 
     model = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "moe": args.moe,

@@ -9,7 +9,7 @@ On CPU a small model's weights partly stay in the last-level cache, so fractions
 the fraction is the figure of merit on accelerators.
 
 Prints one JSON line per measurement, then a table.
-Usage: python benchmarks/bench_sampler.py [--batches 1 16] [--prompt-len 128] [--new-tokens 64]
+Usage: python benchmarks/bench_sampler.py [--batches 1 16] [--prompt-len 128] [--new-tokens 64] [--moe]
        [--preset Qwen3-0.6B --dtype bfloat16 --bandwidth-gbs 3350]   # on an accelerator
 """
 from __future__ import annotations
@@ -84,13 +84,14 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench(cfg, dtype, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, repeats: int) -> list[dict]:
+def bench(cfg, dtype, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, repeats: int,
+          temperature: float = 0.0) -> list[dict]:
     model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
     sampler = Sampler(model, pad_id=0, chunk_size=prompt_len)
     state = nnx.state(model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, (batch, prompt_len)).tolist()
-    params = SamplingParams(temperature=0.0, stop_ids=())
+    params = SamplingParams(temperature=temperature, stop_ids=())
     max_len = prompt_len + new_tokens
 
     def prefill():
@@ -127,7 +128,9 @@ def bench(cfg, dtype, batch: int, prompt_len: int, new_tokens: int, bandwidth: f
     roof = decode_roofline(cfg, batch, int(mean_ctx), bandwidth, wbytes, wbytes)
     decode_tps = batch * new_tokens / t_decode
     base = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": jnp.dtype(dtype).name,
+            "temperature": temperature,
             "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
+            "experts": f"{cfg.num_experts_per_tok}/{cfg.num_experts}" if cfg.is_moe else None,
             "device": jax.devices()[0].device_kind}
     return [
         {**base, "metric": "prefill_tok_s", "value": batch * prompt_len / t_prefill},
@@ -146,16 +149,20 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--preset", default=None, help="a qwen3.PRESETS name (accelerators); default: a small CPU model")
+    ap.add_argument("--moe", action="store_true", help="the small CPU model as MoE (16 experts, top-4, moe_impl tiled)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="device bandwidth in GB/s (default: measured)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; rollouts sample at 1.0")
     args = ap.parse_args()
     if args.preset:
         cfg = qwen3.PRESETS[args.preset]
     else:
+        moe = dict(model_type="qwen3_moe", num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                   norm_topk_prob=True, moe_impl="tiled") if args.moe else {}
         cfg = qwen3.Qwen3Config(vocab_size=32768, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, **moe)
     if args.layers:
         import dataclasses
         cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
@@ -164,7 +171,8 @@ def main() -> None:
                       "platform": platform.processor() or platform.machine()}))
     rows = []
     for b in args.batches:
-        for r in bench(cfg, jnp.dtype(args.dtype), b, args.prompt_len, args.new_tokens, bandwidth, args.repeats):
+        for r in bench(cfg, jnp.dtype(args.dtype), b, args.prompt_len, args.new_tokens, bandwidth, args.repeats,
+                       args.temperature):
             print(json.dumps(r))
             rows.append(r)
     print(f"\n{'batch':>5} {'metric':<22} {'tok/s':>12} {'roofline':>12} {'frac':>6} {'vs no-cache':>11}")

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from agq_jax.models import qwen3
+from agq_jax.models import moe, qwen3
 from agq_jax.rl.optim import OptimConfig
 from agq_jax.rl.step import LossConfig, StepConfig, Trainer
 
@@ -59,9 +59,7 @@ def model_config(name: str, layers: int, t: int, args) -> qwen3.Qwen3Config:
         cfg = qwen3.Qwen3Config(**SHAPES[name])
     else:
         raise SystemExit(f"--models: unknown shape {name!r}; choose from {sorted(SHAPES) + ['tiny'] + sorted(qwen3.PRESETS)}")
-    moe_impl = args.moe_impl
-    if moe_impl == "auto":  # ragged_dot is lowered densely by XLA:CPU; the tile-padded dispatch is the CPU path
-        moe_impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
+    moe_impl = moe.resolve_moe_impl(args.moe_impl)  # reported resolved
     return cfg.replace(num_hidden_layers=layers or cfg.num_hidden_layers, max_position_embeddings=max(t, 128),
                        attention_impl=args.attention_impl, moe_impl=moe_impl, remat=args.remat)
 

@@ -12,6 +12,7 @@ SCRIPTS = {
     "model_cpu": ["bench_model_cpu.py"],
     "model_cpu_moe": ["bench_model_cpu.py", "--moe"],
     "sampler": ["bench_sampler.py"],
+    "sampler_moe": ["bench_sampler.py", "--moe"],
     "train_step": ["bench_train_step.py"],
     "train_step_moe": ["bench_train_step.py", "--models", "moe"],
     "attention_cpu": ["bench_attention_cpu.py"],

@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",      # master weights + optimizer state dtype
         remat="none",               # none | full | dots
         attention_impl="xla",       # xla | cudnn | auto
-        moe_impl="ragged",          # ragged (dropless grouped matmul) | dense (oracle)
+        moe_impl="auto",            # auto (tiled on CPU, ragged elsewhere) | ragged (ragged_dot) | tiled | dense (oracle)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         kind="qwen3",               # qwen3 (the real 151,669-token vocabulary) | procedural (trained on the worlds)

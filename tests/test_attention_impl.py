@@ -118,45 +118,25 @@ def test_model_auto_equals_xla_forward_grads_and_cache(models):
     np.testing.assert_allclose(out.logits, full[:, :-1], atol=1e-4, rtol=1e-4)
 
 
-# ---- MoE: gathered experts (few-token path of moe_impl="tiled") -------------------------------------------------
+# ---- MoE: the tiled experts' inference path (stacked experts indexed per layer) ---------------------------
 
-@pytest.mark.parametrize("n", [1, 3, 12])  # n*k <= E (where the model uses it) and beyond (still exact)
-def test_gathered_experts_match_dense_values_and_grads(n):
-    e, k, h, i = 16, 4, 24, 32
-    ks = jax.random.split(jax.random.key(n), 5)
-    x = jax.random.normal(ks[0], (n, h))
-    router = jax.random.normal(ks[1], (h, e))
-    wg, wu = (0.3 * jax.random.normal(kk, (e, h, i)) for kk in ks[2:4])
-    wd = 0.3 * jax.random.normal(ks[4], (e, i, h))
-
-    def make(impl):
-        def f(x, router, wg, wu, wd):
-            _, top_w, top_i = moe.route(x, router, k, True)
-            return jnp.sum(jnp.sin(impl(x, top_i, top_w, wg, wu, wd)))
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
-
-    (val_g, g_g), (val_d, g_d) = make(moe.experts_gathered)(x, router, wg, wu, wd), \
-        make(moe.experts_dense)(x, router, wg, wu, wd)
-    np.testing.assert_allclose(val_g, val_d, rtol=TOL, atol=TOL)
-    for name, a, b in zip(("x", "router", "w_gate", "w_up", "w_down"), g_g, g_d):
-        assert np.abs(np.asarray(b)).max() > 0
-        np.testing.assert_allclose(a, b, atol=TOL * max(1.0, float(jnp.max(jnp.abs(b)))), err_msg=name)
-    assert moe.use_gathered("tiled", n, k, e) == (n * k <= e)
-    assert not moe.use_gathered("ragged", 1, k, e)
-
-
-def test_tiled_moe_model_decode_uses_gathered_and_matches_forward():
-    cfg = qwen3.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tiled_moe_cached_decode_matches_forward(batch):
+    """With a cache, tiled MoE layers index the stacked [layer, expert] weights from inside the layer scan
+    (no per-layer copy); a dense first layer shifts the MoE run to layers 1-2, so a wrong layer offset
+    reads the wrong experts. Prefill + one-token steps must equal the plain forward."""
+    cfg = qwen3.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, model_type="qwen3_moe",
                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
-                            moe_impl="tiled", initializer_range=0.2)
+                            moe_impl="tiled", mlp_only_layers=(0,), initializer_range=0.2)
+    assert cfg.layer_groups() == ((False, 0, 1), (True, 1, 2))
     model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (1, 12)), jnp.int32)
-    full = model(ids).logits                                    # 12 rows * 2 > 8 experts: tiled path
-    cache = qwen3.init_cache(cfg, 1, 16)
-    out = model(ids[:, :8], cache=cache)
+    ids = jnp.asarray(np.random.default_rng(batch).integers(0, 96, (batch, 12)), jnp.int32)
+    full = model(ids).logits
+    step = nnx.jit(lambda m, ids, cache: m(ids, cache=cache))  # eager would dispatch every loop op
+    out = step(model, ids[:, :8], qwen3.init_cache(cfg, batch, 16))
     logits = [out.logits]
-    for j in range(8, 12):                                      # 1 row * 2 <= 8: gathered path
-        out = model(ids[:, j:j + 1], cache=out.cache)
+    for j in range(8, 12):
+        out = step(model, ids[:, j:j + 1], out.cache)
         logits.append(out.logits)
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=1e-4, rtol=1e-4)

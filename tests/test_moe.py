@@ -56,20 +56,38 @@ def test_sorted_dispatch_handles_empty_experts(expert_inputs):
         np.testing.assert_allclose(np.asarray(impl(x, top_i, top_w, wg, wu, wd)), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("m,tile", [(1, None), (7, 1), (40, 4), (40, 64), (300, 128)])
-def test_tiled_grouped_matmul_equals_ragged_dot(m, tile):
-    """Values and gradients (x and w) of both tile paths: looped small tiles, batched 128-row tiles."""
+@pytest.mark.parametrize("m,tile,offset", [(1, 1, 0), (7, 1, 0), (40, 4, 0), (40, 64, 0), (300, 32, 0),
+                                           (40, 4, 2 * E)])
+def test_padded_grouped_matmul_equals_ragged_dot(m, tile, offset):
+    """Values and gradients (x and w) of the looped CPU grouped matmul against ragged_dot, with empty groups
+    (multinomial over E groups); offset > 0 reads one layer out of a [3*E, ...] stack, and the w gradient
+    lands only in that layer's rows."""
     rng = np.random.RandomState(m)
-    sizes = jnp.asarray(rng.multinomial(m, np.ones(E) / E).astype(np.int32))
-    x, w = jnp.asarray(rng.randn(m, H), jnp.float32), jnp.asarray(rng.randn(E, H, I), jnp.float32)
-    np.testing.assert_allclose(np.asarray(moe.grouped_matmul_tiled(x, w, sizes, tile)),
-                               np.asarray(jax.lax.ragged_dot(x, w, sizes)), atol=1e-4)
+    flat_e = jnp.asarray(rng.randint(0, E, m), jnp.int32)
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    x = jnp.asarray(rng.randn(m, H), jnp.float32)
+    stack = jnp.asarray(rng.randn(3 * E, H, I), jnp.float32)
+    lay = moe.padded_layout(flat_e, E, tile)
+    assert lay.rows >= m and lay.rows % tile == 0
+
+    def padded(x, stack):
+        buf = jnp.zeros((lay.rows, H)).at[lay.dest].set(x)
+        out = moe.grouped_matmul_padded(buf, stack, lay.tiles, lay.start, jnp.int32(offset), tile)
+        return out[lay.dest]
+
+    order = jnp.argsort(flat_e, stable=True)
+
+    def ragged(x, stack):  # the reference sorts rows by group, then unsorts
+        y = jax.lax.ragged_dot(x[order], stack[offset:offset + E], sizes)
+        return y[jnp.argsort(order)]
+
+    np.testing.assert_allclose(np.asarray(padded(x, stack)), np.asarray(ragged(x, stack)), atol=1e-4)
     cot = jnp.asarray(rng.randn(m, I), jnp.float32)
-    grads = [jax.grad(lambda x, w: (f(x, w) * cot).sum(), argnums=(0, 1))(x, w)
-             for f in (lambda x, w: moe.grouped_matmul_tiled(x, w, sizes, tile),
-                       lambda x, w: jax.lax.ragged_dot(x, w, sizes))]
+    grads = [jax.jit(jax.grad(lambda x, s: (f(x, s) * cot).sum(), argnums=(0, 1)))(x, stack) for f in (padded, ragged)]
     for got, want in zip(*grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3, rtol=1e-4)
+    outside = np.delete(np.asarray(grads[0][1]), np.arange(offset, offset + E), axis=0)
+    assert not outside.any() and np.abs(np.asarray(grads[0][1][offset:offset + E])).max() > 0
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
@@ -108,8 +126,11 @@ def test_load_balancing_loss_matches_hf_with_mask():
     np.testing.assert_allclose(float(moe.load_balancing_loss(stats, E)), float(ref_nomask), rtol=1e-6)
 
 
-def test_model_level_ragged_equals_dense_oracle():
-    """Whole MoE model: moe_impl='ragged' and 'dense' agree in logits, aux loss and every param gradient."""
+@pytest.mark.parametrize("impl", ["ragged", "auto"])
+def test_model_level_impl_equals_dense_oracle(impl):
+    """Whole MoE model (scanned layers): moe_impl='ragged' / 'auto' (= the looped tiled kernel with its custom
+    VJP on CPU) and 'dense' agree in logits, aux loss and every param gradient."""
+    assert moe.resolve_moe_impl("auto", "cpu") == "tiled" and moe.resolve_moe_impl("auto", "gpu") == "ragged"
     cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, model_type="qwen3_moe",
                             num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I, initializer_range=0.2)
@@ -128,7 +149,7 @@ def test_model_level_ragged_equals_dense_oracle():
             return jax.value_and_grad(loss, has_aux=True)(st)
         return f(state)
 
-    (l_r, logits_r), g_r = run("ragged")
+    (l_r, logits_r), g_r = run(impl)
     (l_d, logits_d), g_d = run("dense")
     np.testing.assert_allclose(np.asarray(logits_r), np.asarray(logits_d), atol=1e-5)
     np.testing.assert_allclose(float(l_r), float(l_d), rtol=1e-5)

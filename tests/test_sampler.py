@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from agq_jax.models import qwen3, sharding
-from agq_jax.rollout.sampler import Sampler, SamplingParams, bucket_length
+from agq_jax.rollout.sampler import Sampler, SamplingParams, bucket_length, first_argmax, sample_from_logits
 
 VOCAB = 512
 CFG = qwen3.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -174,3 +174,17 @@ def test_bad_inputs_are_named(model, sampler):
     with pytest.raises(ValueError, match="max_len"):
         sampler.generate(model, [list(range(40))], params=GREEDY, max_new_tokens=4, max_len=32, rng=jax.random.key(0))
     assert [bucket_length(n) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 512, 768]
+
+
+def test_first_argmax_and_sampling_equal_jax_reference():
+    """The reduce-based argmax picks the same (first) index as jnp.argmax, ties included, and sampling with it
+    draws exactly the token jax.random.categorical draws from the same key."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.round(rng.normal(size=(64, 300)), 1), jnp.float32)  # many ties at the max
+    assert int((x == x.max(-1, keepdims=True)).sum()) > 64
+    np.testing.assert_array_equal(first_argmax(x), jnp.argmax(x, -1))
+    for seed in range(5):
+        key = jax.random.key(seed)
+        tok, lp, slp = sample_from_logits(x, key, SamplingParams(temperature=1.0))
+        np.testing.assert_array_equal(tok, jax.random.categorical(key, x, axis=-1))
+        np.testing.assert_allclose(lp, jnp.take_along_axis(jax.nn.log_softmax(x), tok[:, None], -1)[:, 0], rtol=1e-6)

@@ -11,7 +11,7 @@ from typing import Any
 MODEL_TYPES = ("qwen3", "qwen3_moe")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "blocked")
-MOE_IMPLS = ("ragged", "tiled", "dense")
+MOE_IMPLS = ("ragged", "tiled", "dense", "auto")
 
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 

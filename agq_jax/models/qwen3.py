@@ -266,12 +266,12 @@ class DecoderLayer(nnx.Module):
         self.is_moe = is_moe
         self.mlp = moe.SparseMoeBlock(cfg, dtype=dtype, **kw) if is_moe else MLP(cfg, dtype=dtype, **kw)
 
-    def __call__(self, x, cos, sin, mask, valid, kv=None, starts=None):
+    def __call__(self, x, cos, sin, mask, valid, kv=None, starts=None, stacked_layer=None):
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, starts)
         x = x + a
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            m, stats = self.mlp(h, valid)
+            m, stats = self.mlp(h, valid, stacked_layer)
         else:
             m, stats = self.mlp(h), None
         x = constrain(x + m, ("batch", "seq", "act_embed"))
@@ -280,6 +280,10 @@ class DecoderLayer(nnx.Module):
 
 _REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _is_expert_param(path) -> bool:
+    return any(getattr(k, "key", None) in moe.EXPERT_PARAMS for k in path)
 
 
 class LayerStack(nnx.Module):
@@ -298,10 +302,25 @@ class LayerStack(nnx.Module):
         graphdef, state = nnx.split(self.layer)
         stats0 = moe.RouterStats.zeros(self.num_experts) if self.is_moe else None
         cache0 = None if kv is None else (kv[0], kv[1], jnp.asarray(first_layer, jnp.int32))
+        # Inference with the CPU expert kernels: the scan would copy each layer's whole expert stack out of
+        # the stacked params before the loop reads the few experts a step selects (XLA:CPU materialises a
+        # dynamic slice feeding a dot); instead the experts stay stacked, loop-invariant, and the kernels index
+        # [layer, expert] directly. Not for training: the closed-over stack would get a full-size gradient
+        # per layer.
+        stacked_experts = kv is not None and self.is_moe and moe.resolve_moe_impl(self.layer.mlp.impl) == "tiled"
+        if stacked_experts:
+            state = jax.tree_util.tree_map_with_path(
+                lambda p, a: jnp.zeros((self.count,), a.dtype) if _is_expert_param(p) else a, state)
+            full = nnx.state(self.layer)
 
         def body(carry, layer_state):
             h, stats, cache = carry
-            h, cache, st = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, valid, cache, starts)
+            kw = {}
+            if stacked_experts:
+                layer_state = jax.tree_util.tree_map_with_path(
+                    lambda p, a, f: f if _is_expert_param(p) else a, layer_state, full)
+                kw = dict(stacked_layer=cache[2] - first_layer)
+            h, cache, st = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, valid, cache, starts, **kw)
             if self.is_moe:
                 stats = stats + st
             if cache is not None:

@@ -100,16 +100,25 @@ def _filtered_candidates(logits: jax.Array, params: SamplingParams):
     return vals, idx
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the maximum) as a max and a min reduce: XLA:CPU runs
+    argmax's variadic (value, index) reduce ~3.5x slower (0.55 vs 0.16 ms on [8, 32768]), once per decoded
+    token. A row without a maximum (NaN) gives the last index instead of the NaN's."""
+    n = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n), axis=-1), n - 1)
+
+
 def sample_from_logits(logits: jax.Array, rng: jax.Array, params: SamplingParams):
     """Sample one token per row. Returns (token [B] int32, raw logprob [B], sampling logprob [B])."""
     logits = logits.astype(jnp.float32)
     raw_logp = jax.nn.log_softmax(logits, axis=-1)
     if params.greedy:
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = first_argmax(logits)
         lp = jnp.take_along_axis(raw_logp, tok[:, None], axis=-1)[:, 0]
         return tok, lp, jnp.zeros_like(lp)
     cand, idx = _filtered_candidates(logits, params)
-    j = jax.random.categorical(rng, cand, axis=-1)
+    j = first_argmax(cand + jax.random.gumbel(rng, cand.shape, cand.dtype))  # = jax.random.categorical(rng, cand)
     samp_lp = jnp.take_along_axis(jax.nn.log_softmax(cand, axis=-1), j[:, None], axis=-1)[:, 0]
     tok = j if idx is None else jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
     tok = tok.astype(jnp.int32)
