@@ -97,7 +97,8 @@ def build(args, tmp):
     tok_s = time.perf_counter() - t0
     ids = special_ids(tok)
     cfg = qwen3.Qwen3Config(**TINY, vocab_size=-(-len(tok) // 64) * 64, bos_token_id=None,
-                            eos_token_id=(ids["im_end"], ids["endoftext"]), pad_token_id=ids["pad"])
+                            eos_token_id=(ids["im_end"], ids["endoftext"]), pad_token_id=ids["pad"],
+                            attention_impl=args.attention_impl)
     model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
     sampler = Sampler(model, pad_id=ids["pad"], chunk_size=args.chunk)
     params = SamplingParams(temperature=1.0, stop_ids=(ids["im_end"], ids["tool_call_end"]))
@@ -142,6 +143,8 @@ def main():
     ap.add_argument("--max-new", type=int, default=96, help="max new tokens per agent turn")
     ap.add_argument("--turns", type=int, default=8, help="max agent (and user) turns")
     ap.add_argument("--chunk", type=int, default=256, help="Sampler chunk_size")
+    ap.add_argument("--attention-impl", default="auto", choices=list(qwen3.ATTENTION_IMPLS),
+                    help="auto: on CPU the sampler attends block by block up to the longest row (xla: whole buffer)")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
@@ -160,7 +163,7 @@ def main():
         policy_tokens = sum(e.num_policy_tokens for e in eps)
         shares = {k: clock.t[k] for k in ("model_prefill", "model_decode", "env", "score", "tokenize")}
         shares["host"] = max(0.0, wall - sum(shares.values()))
-        rows.append({"bench": "rollout", "repeat": rep, "episodes": len(eps), "max_len": args.max_len,
+        rows.append({"bench": "rollout", "repeat": rep, "episodes": len(eps), "max_len": args.max_len, "attention_impl": args.attention_impl,
                      "max_new_per_turn": args.max_new, "wall_s": round(wall, 3),
                      "episodes_per_s": round(len(eps) / wall, 3),
                      "policy_tokens_per_s": round(policy_tokens / wall, 1),

@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         dtype="float32",            # compute dtype ("bfloat16" on GPU / TPU)
         param_dtype="float32",      # master weights + optimizer state dtype
         remat="none",               # none | full | dots
-        attention_impl="xla",       # xla | cudnn | auto
+        attention_impl="xla",       # xla | auto (CPU: blocked training + KV-cache attention; GPU: cuDNN for bf16) | cudnn | blocked
         moe_impl="auto",            # auto (tiled on CPU, ragged elsewhere) | ragged (ragged_dot) | tiled | dense (oracle)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(

@@ -71,11 +71,38 @@ def test_resolution_rules():
     assert r("blocked", 4, 64, causal=False) == "xla"            # KV-cache prefill / decode fall back
     assert r("blocked", 64, 64, causal=False) == "xla"           # a non-causal mask is never block-skipped
     assert r("xla", long, long, causal=True) == "xla"
+    c = qwen3.resolve_cache_attention_impl  # with a KV cache
+    assert c("auto") == c("blocked") == "blocked" and c("xla") == "buffer"
+    assert c("auto", backend="gpu") == c("blocked", backend="tpu") == c("cudnn", backend="gpu") == "buffer"
     with pytest.raises(ValueError, match="attention impl='flash'"):
         r("flash", 8, 8, causal=True)
     q = jnp.zeros((1, 8, 2, 4))
     with pytest.raises(ValueError, match="square causal mask"):
         qwen3.blocked_causal_attention(q, q[:, :4], q[:, :4], jnp.ones((1, 1, 8, 4), bool), 0.5)
+
+
+# (cache slots S, kv_len bound, query rows T): S a block multiple with NaN beyond the visited blocks (proves they
+# are never read); S not a multiple, so the last block is clamped and overlaps the one before (masked, not
+# counted twice); a one-token decode step.
+@pytest.mark.parametrize("s,kv_len,t", [(40, 21, 3), (30, 27, 4), (30, 30, 1)])
+def test_cached_blocked_attention_matches_xla(s, kv_len, t):
+    rng = np.random.default_rng(s + t)
+    layers, b, n, kv, d, block = 3, 3, 4, 2, 8, 8
+    k_all, v_all = (rng.normal(size=(layers, b, s, kv, d)).astype(np.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
+    new_len = np.array([kv_len, kv_len - 5, kv_len - t + 1])        # rows of different lengths
+    qpos = new_len[:, None] - t + np.arange(t)[None]
+    mask = jnp.asarray((np.arange(s)[None, None] <= qpos[:, :, None]) & (np.arange(s) < new_len[:, None, None])[:, :1])
+    mask = mask[:, None]
+    layer = 1
+    ref = qwen3.attention(q, jnp.asarray(k_all[layer]), jnp.asarray(v_all[layer]), mask, d ** -0.5, "xla")
+    visited = -(-kv_len // block) * block
+    if visited < s:  # slots past the visited blocks: poison them
+        k_all[:, :, visited:] = np.nan
+        v_all[:, :, visited:] = np.nan
+    got = jax.jit(qwen3.cached_blocked_attention, static_argnames=("scale", "block"))(
+        q, jnp.asarray(k_all), jnp.asarray(v_all), layer, mask, scale=d ** -0.5, kv_len=kv_len, block=block)
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
 
 
 @pytest.fixture(scope="module")

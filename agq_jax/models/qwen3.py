@@ -73,6 +73,7 @@ ATTENTION_BLOCK = 64
 ATTENTION_SEGMENTS = 4
 # "auto" uses the blocked path on CPU once a training sequence spans at least this many blocks.
 AUTO_BLOCKED_MIN_BLOCKS = 2
+CACHE_KEY_BLOCK = 128  # key slots per step of `cached_blocked_attention`
 
 
 def resolve_attention_impl(impl: str, q_len: int, kv_len: int, causal: bool, *, dtype=None, head_dim: int = 0,
@@ -98,6 +99,14 @@ def resolve_attention_impl(impl: str, q_len: int, kv_len: int, causal: bool, *, 
     if impl == "blocked" and not square:
         return "xla"
     return impl
+
+
+def resolve_cache_attention_impl(impl: str, backend: str | None = None) -> str:
+    """With a KV cache (sampler prefill / decode): "blocked" (`cached_blocked_attention`) for "auto" /
+    "blocked" on CPU, else "buffer": `attention(impl)` over the layer's whole cache buffer (XLA / cuDNN)."""
+    if impl in ("auto", "blocked") and (backend or jax.default_backend()) == "cpu":
+        return "blocked"
+    return "buffer"
 
 
 def attention(q, k, v, mask, scale: float, impl: str = "xla", causal: bool = False):
@@ -169,6 +178,46 @@ def blocked_causal_attention(q, k, v, mask, scale: float, block: int | None = No
     return jnp.where(has_key, out, mean_v[:, None].astype(out.dtype))
 
 
+def cached_blocked_attention(q, k_all, v_all, layer, mask, scale: float, kv_len, block: int = CACHE_KEY_BLOCK):
+    """Attention of q [B,T,N,D] on layer `layer` of a KV cache k_all/v_all [L,B,S,K,D] under mask [B,1,T,S],
+    visiting only the key blocks below `kv_len` (a traced bound on every row's valid slots; the rest of the
+    buffer is masked anyway). Online softmax over `block`-slot key blocks, each read straight from the cache:
+    XLA:CPU otherwise copies (and transposes) the layer's whole [B,S,K,D] buffer every step and scores all S
+    slots. fp32 logits and softmax like the XLA path; a row with no valid key (never read: the Sampler keeps
+    its previous logits) gets the mean of the visited values rather than of all S. Inference only: the
+    data-dependent trip count has no reverse-mode derivative."""
+    b, t, n, d = q.shape
+    s, kv_heads = k_all.shape[2], k_all.shape[3]
+    block = min(block, s)
+    g = n // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, d)
+    big_neg = jnp.float32(-0.7 * float(np.finfo(np.float32).max))
+
+    def one_block(j, carry):
+        m, l, acc = carry
+        start = jnp.minimum(j * block, s - block)  # the last block may overlap the one before: masked below
+        kb = jax.lax.dynamic_slice(k_all, (layer, 0, start, 0, 0), (1, b, block, kv_heads, d))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_all, (layer, 0, start, 0, 0), (1, b, block, kv_heads, d))[0].astype(q.dtype)
+        mb = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=3)[:, :, None]  # [B,1,1,T,blk]
+        fresh = (start + jnp.arange(block)) >= j * block
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        logits = jnp.where(mb & fresh, logits, big_neg)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.where(fresh, p, 0.0).sum(-1)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", jnp.where(fresh, p, 0.0).astype(vb.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    init = (jnp.full((b, kv_heads, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
+            jnp.zeros((b, kv_heads, g, t, d), jnp.float32))
+    n_blocks = jnp.clip((kv_len + block - 1) // block, 1, -(-s // block))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, one_block, init)
+    out = acc / l[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
+
+
 def _write_layer(cache: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
     """cache [L,B,S,K,D] <- new [B,T,K,D] at (layer, row b, slots starts[b]..); a scatter XLA does in place.
     Slots past max_len are dropped (never clamped onto valid entries)."""
@@ -230,9 +279,14 @@ class Attention(nnx.Module):
             k_all, v_all, layer = kv
             k_all, v_all = _write_layer(k_all, layer, k, starts), _write_layer(v_all, layer, v, starts)
             kv = (k_all, v_all, layer)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-        out = attention(q, k, v, mask, self.scale, self.impl, causal=causal)
+            if resolve_cache_attention_impl(self.impl) == "blocked":
+                out = cached_blocked_attention(q, k_all, v_all, layer, mask, self.scale, jnp.max(starts) + q.shape[1])
+            else:
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+                out = attention(q, k, v, mask, self.scale, self.impl)
+        else:
+            out = attention(q, k, v, mask, self.scale, self.impl, causal=True)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_proj[...].astype(dt))
         if self.use_bias:
             y = y + self.o_bias[...].astype(dt)
