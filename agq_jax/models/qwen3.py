@@ -274,7 +274,6 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(self.q_norm(q), cos, sin), ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(apply_rope(self.k_norm(k), cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"))
-        causal = kv is None  # no cache: the mask is the square causal (+ padding) mask
         if kv is not None:
             k_all, v_all, layer = kv
             k_all, v_all = _write_layer(k_all, layer, k, starts), _write_layer(v_all, layer, v, starts)
@@ -285,7 +284,7 @@ class Attention(nnx.Module):
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
                 v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
                 out = attention(q, k, v, mask, self.scale, self.impl)
-        else:
+        else:  # no cache: the mask is the square causal (+ padding) mask
             out = attention(q, k, v, mask, self.scale, self.impl, causal=True)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_proj[...].astype(dt))
         if self.use_bias:
