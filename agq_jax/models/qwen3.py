@@ -362,9 +362,9 @@ class LayerStack(nnx.Module):
         # per layer.
         stacked_experts = kv is not None and self.is_moe and moe.resolve_moe_impl(self.layer.mlp.impl) == "tiled"
         if stacked_experts:
+            full = state
             state = jax.tree_util.tree_map_with_path(
                 lambda p, a: jnp.zeros((self.count,), a.dtype) if _is_expert_param(p) else a, state)
-            full = nnx.state(self.layer)
 
         def body(carry, layer_state):
             h, stats, cache = carry

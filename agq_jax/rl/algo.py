@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agq_jax.envs.rewards import RewardConfig
+
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
 AGGREGATIONS: dict[str, Callable] = {}
@@ -245,7 +247,7 @@ def kl_estimate(name: str, logp, ref_logp):
 # What GRPO optimises, from the rubric reward in [0, 1] (sub-goal fraction x gates; 1 = success). The
 # evaluation always reports the rubric reward and success; only the advantage sees the shaped value.
 
-SUCCESS_THRESHOLD = 1.0 - 1e-9   # = envs.rewards.RewardConfig.success_threshold (what pass@k counts)
+SUCCESS_THRESHOLD = RewardConfig().success_threshold  # what pass@k / pass^k count as a success
 
 
 @register_training_reward("rubric")
