@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agq_jax.models import qwen3
+from agq_jax.models import attention, qwen3
 
 TINY = dict(vocab_size=1536, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0)
@@ -72,7 +72,7 @@ def attention_op(impl, b, t):
     valid = jnp.asarray(np.arange(t)[None] < t - t // 8).repeat(b, 0)
     mask = ((idx[None, :] <= idx[:, None])[None] & valid[:, None, :])[:, None]
     f = jax.jit(jax.value_and_grad(  # mask is an argument: a closed-over mask would be constant-folded at compile
-        lambda q, k, v, m: jnp.sum(qwen3.attention(q, k, v, m, d ** -0.5, impl, causal=True) ** 2), argnums=(0, 1, 2)))
+        lambda q, k, v, m: jnp.sum(attention.attention(q, k, v, m, d ** -0.5, impl, causal=True) ** 2), argnums=(0, 1, 2)))
     return lambda: f(q, k, v, mask)
 
 
@@ -81,13 +81,13 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[1024])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--iters", type=int, default=4)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[qwen3.ATTENTION_BLOCK],
-                    help="query-block sizes of the blocked path to compare (the default is qwen3.ATTENTION_BLOCK)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[attention.ATTENTION_BLOCK],
+                    help="query-block sizes of the blocked path to compare (the default is attention.ATTENTION_BLOCK)")
     ap.add_argument("--no-op", action="store_true", help="skip the attention-only measurement")
     args = ap.parse_args()
     env = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpus": os.cpu_count(),
            "machine": platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2), "dtype": "float32"}
-    default_block = qwen3.ATTENTION_BLOCK
+    default_block = attention.ATTENTION_BLOCK
     rows = []
     for t in args.seqs:
         for what, fn in (("model_fwd_bwd", model_step), ("attention_fwd_bwd", attention_op)):
@@ -96,14 +96,14 @@ def main():
             ref = fn("xla", args.batch, t)
             compile_ref = first_call(ref)
             for block in args.blocks:
-                qwen3.ATTENTION_BLOCK = block
+                attention.ATTENTION_BLOCK = block
                 try:
                     new = fn("auto", args.batch, t)
                     compile_new = first_call(new)
                     t_ref, t_new = interleaved_best([ref, new], args.iters)
                 finally:
-                    qwen3.ATTENTION_BLOCK = default_block
-                impl = qwen3.resolve_attention_impl("auto", t, t, causal=True)
+                    attention.ATTENTION_BLOCK = default_block
+                impl = attention.resolve_attention_impl("auto", t, t, causal=True)
                 rows.append({"bench": "attention_cpu", "what": what, "batch": args.batch, "seq": t, "block": block,
                              "auto_resolves_to": impl, "xla_s": round(t_ref, 4), "auto_s": round(t_new, 4),
                              "xla_tok_s": round(args.batch * t / t_ref, 1),

@@ -34,6 +34,7 @@ from flax import nnx
 
 from agq_jax import tokenizer as qtok
 from agq_jax.models import qwen3
+from agq_jax.models.config import ATTENTION_IMPLS
 from agq_jax.rollout import multiturn
 from agq_jax.rollout.multiturn import RolloutConfig, run_rollouts
 from agq_jax.rollout.sampler import Sampler, SamplingParams
@@ -143,7 +144,7 @@ def main():
     ap.add_argument("--max-new", type=int, default=96, help="max new tokens per agent turn")
     ap.add_argument("--turns", type=int, default=8, help="max agent (and user) turns")
     ap.add_argument("--chunk", type=int, default=256, help="Sampler chunk_size")
-    ap.add_argument("--attention-impl", default="auto", choices=list(qwen3.ATTENTION_IMPLS),
+    ap.add_argument("--attention-impl", default="auto", choices=list(ATTENTION_IMPLS),
                     help="auto: on CPU the sampler attends block by block up to the longest row (xla: whole buffer)")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=8)

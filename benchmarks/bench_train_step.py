@@ -31,7 +31,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from agq_jax.models import moe, qwen3
+from agq_jax.models import attention, moe, qwen3
+from agq_jax.models.config import ATTENTION_IMPLS
 from agq_jax.rl.optim import OptimConfig
 from agq_jax.rl.step import LossConfig, StepConfig, Trainer
 
@@ -167,7 +168,7 @@ def bench(name, b, t, iters, chunk, args, peaks):
                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "moe": cfg.is_moe,
                "experts": f"{cfg.num_experts_per_tok}/{cfg.num_experts}" if cfg.is_moe else None,
                "dtype": args.dtype, "param_dtype": args.param_dtype, "attention_impl": cfg.attention_impl,
-               "attention_resolved": qwen3.resolve_attention_impl(cfg.attention_impl, t, t, causal=True),
+               "attention_resolved": attention.resolve_attention_impl(cfg.attention_impl, t, t, causal=True),
                "moe_impl": cfg.moe_impl if cfg.is_moe else None, "remat": cfg.remat,
                "vocab": cfg.vocab_size, "chunk": chunk, "active_params": active_params(cfg),
                "step_s": round(t_step, 4), "tokens_per_s": round(b * t / t_step, 1),
@@ -198,7 +199,7 @@ def main():
     ap.add_argument("--layers", type=int, default=0, help="cut every shape to this many layers (0 = its own)")
     ap.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPU/TPU)")
     ap.add_argument("--param_dtype", default="float32")
-    ap.add_argument("--attention_impl", default="auto", choices=list(qwen3.ATTENTION_IMPLS))
+    ap.add_argument("--attention_impl", default="auto", choices=list(ATTENTION_IMPLS))
     ap.add_argument("--moe_impl", default="auto", choices=["auto", "ragged", "tiled", "dense"])
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     args = ap.parse_args()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agq_jax.models import moe, qwen3
+from agq_jax.models import attention, moe, qwen3
 
 TOL = 1e-5
 
@@ -44,8 +44,8 @@ def test_blocked_matches_xla_values_and_grads(t, n, kv, block, segments):
     q, k, v, valid, cot = _inputs(4, t, n, kv, 16, seed=t)
     mask = _causal_mask(valid)
     scale = 16 ** -0.5
-    ref = lambda q, k, v, m: qwen3.attention(q, k, v, m, scale, "xla", causal=True)  # noqa: E731
-    blk = lambda q, k, v, m: qwen3.blocked_causal_attention(q, k, v, m, scale, block, segments)  # noqa: E731
+    ref = lambda q, k, v, m: attention.attention(q, k, v, m, scale, "xla", causal=True)  # noqa: E731
+    blk = lambda q, k, v, m: attention.blocked_causal_attention(q, k, v, m, scale, block, segments)  # noqa: E731
     out_ref, out_blk = jax.jit(ref)(q, k, v, mask), jax.jit(blk)(q, k, v, mask)
     np.testing.assert_allclose(out_blk, out_ref, atol=TOL, rtol=TOL)  # every row, padding rows included
     (val_r, g_r), (val_b, g_b) = _loss(ref, cot)(q, k, v, mask), _loss(blk, cot)(q, k, v, mask)
@@ -55,8 +55,8 @@ def test_blocked_matches_xla_values_and_grads(t, n, kv, block, segments):
 
 
 def test_resolution_rules():
-    r = qwen3.resolve_attention_impl
-    long = 2 * qwen3.ATTENTION_BLOCK
+    r = attention.resolve_attention_impl
+    long = 2 * attention.ATTENTION_BLOCK
     assert r("auto", long, long, causal=True) == "blocked"      # tests run on CPU
     assert r("auto", long - 1, long - 1, causal=True) == "xla"   # one block: nothing to skip
     assert r("auto", 1, long, causal=False) == "xla"             # decode with a cache
@@ -71,14 +71,14 @@ def test_resolution_rules():
     assert r("blocked", 4, 64, causal=False) == "xla"            # KV-cache prefill / decode fall back
     assert r("blocked", 64, 64, causal=False) == "xla"           # a non-causal mask is never block-skipped
     assert r("xla", long, long, causal=True) == "xla"
-    c = qwen3.resolve_cache_attention_impl  # with a KV cache
+    c = attention.resolve_cache_attention_impl  # with a KV cache
     assert c("auto") == c("blocked") == "blocked" and c("xla") == "buffer"
     assert c("auto", backend="gpu") == c("blocked", backend="tpu") == c("cudnn", backend="gpu") == "buffer"
     with pytest.raises(ValueError, match="attention impl='flash'"):
         r("flash", 8, 8, causal=True)
     q = jnp.zeros((1, 8, 2, 4))
     with pytest.raises(ValueError, match="square causal mask"):
-        qwen3.blocked_causal_attention(q, q[:, :4], q[:, :4], jnp.ones((1, 1, 8, 4), bool), 0.5)
+        attention.blocked_causal_attention(q, q[:, :4], q[:, :4], jnp.ones((1, 1, 8, 4), bool), 0.5)
 
 
 # (cache slots S, kv_len bound, query rows T): S a block multiple with NaN beyond the visited blocks (proves they
@@ -95,12 +95,12 @@ def test_cached_blocked_attention_matches_xla(s, kv_len, t):
     mask = jnp.asarray((np.arange(s)[None, None] <= qpos[:, :, None]) & (np.arange(s) < new_len[:, None, None])[:, :1])
     mask = mask[:, None]
     layer = 1
-    ref = qwen3.attention(q, jnp.asarray(k_all[layer]), jnp.asarray(v_all[layer]), mask, d ** -0.5, "xla")
+    ref = attention.attention(q, jnp.asarray(k_all[layer]), jnp.asarray(v_all[layer]), mask, d ** -0.5, "xla")
     visited = -(-kv_len // block) * block
     if visited < s:  # slots past the visited blocks: poison them
         k_all[:, :, visited:] = np.nan
         v_all[:, :, visited:] = np.nan
-    got = jax.jit(qwen3.cached_blocked_attention, static_argnames=("scale", "block"))(
+    got = jax.jit(attention.cached_blocked_attention, static_argnames=("scale", "block"))(
         q, jnp.asarray(k_all), jnp.asarray(v_all), layer, mask, scale=d ** -0.5, kv_len=kv_len, block=block)
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)
 
@@ -116,7 +116,7 @@ def models():
 
 def test_model_auto_equals_xla_forward_grads_and_cache(models):
     ref, auto = models
-    t = 2 * qwen3.ATTENTION_BLOCK + 9
+    t = 2 * attention.ATTENTION_BLOCK + 9
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, 128, (3, t)), jnp.int32)
     mask = np.ones((3, t), np.int32)
