@@ -57,5 +57,4 @@ def get_config(layout: str | None = None):
     c = ref.build("30b_a3b", PRESET, HF_PATH, MESH_LAYOUTS, layout or DEFAULT_LAYOUT)
     c.rl.policy_loss = "gspo"                 # sequence-level ratio: stable for MoE routing noise
     c.rl.loss_agg = "seq-mean-token-mean"     # GSPO's sequence-level objective
-    c.model.moe_impl = "ragged"               # dropless grouped matmul
     return c

@@ -134,7 +134,7 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.model.param_dtype = "float32"     # master weights and AdamW moments (lr 1e-6 updates vanish in bf16)
     c.model.remat = "full"              # 14k-token rows: keep only each layer's input
     c.model.attention_impl = lay.attention_impl
-    c.model.moe_impl = "ragged"
+    c.model.moe_impl = "auto"           # megablox grouped matmuls on TPU, ragged_dot on GPU
     c.tokenizer.kind = "qwen3"
     c.tokenizer.vocab_size = 0
 

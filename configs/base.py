@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",      # master weights + optimizer state dtype
         remat="none",               # none | full | dots
         attention_impl="xla",       # xla | auto (CPU: blocked training + KV-cache attention; GPU: cuDNN for bf16) | cudnn | blocked
-        moe_impl="auto",            # auto (tiled on CPU, ragged elsewhere) | ragged (ragged_dot) | tiled | dense (oracle)
+        moe_impl="auto",            # auto (tiled on CPU, megablox on TPU, ragged on GPU) | ragged (ragged_dot) | tiled | megablox | dense (oracle)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         kind="qwen3",               # qwen3 (the real 151,669-token vocabulary) | procedural (trained on the worlds)

@@ -11,7 +11,7 @@ from typing import Any
 MODEL_TYPES = ("qwen3", "qwen3_moe")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "blocked")
-MOE_IMPLS = ("ragged", "tiled", "dense", "auto")
+MOE_IMPLS = ("ragged", "tiled", "megablox", "dense", "auto")
 
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
@@ -52,9 +52,9 @@ class Qwen3Config:
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
     # Training-side choices (not HF): rematerialisation of each scanned layer, attention kernel,
-    # expert computation (ragged = jax.lax.ragged_dot grouped GEMM, for GPU/TPU; tiled = the same sort-based
-    # dispatch with a tile-padded batched matmul, fast on CPU; dense = all-experts oracle), scan over layers
-    # (False = python loop over the same stacked params; debugging).
+    # expert computation (ragged = jax.lax.ragged_dot grouped GEMM, for GPU; megablox = Pallas grouped GEMMs
+    # with a grouped dW, for TPU; tiled = a tile-padded looped grouped matmul, fast on CPU; dense = all-experts
+    # oracle; auto = by backend), scan over layers (False = python loop over the same stacked params; debugging).
     remat: str = "none"
     attention_impl: str = "xla"
     moe_impl: str = "ragged"

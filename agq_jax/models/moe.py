@@ -1,6 +1,6 @@
 """Qwen3-MoE sparse block: fp32-softmax top-k router, dropless expert dispatch (sort-based with
-`jax.lax.ragged_dot` for GPU / TPU; tile-padded looped grouped matmul for CPU), a dense einsum oracle, and
-HF's load-balancing loss statistics.
+`jax.lax.ragged_dot` for GPU, Pallas megablox grouped matmuls for TPU; tile-padded looped grouped matmul for
+CPU), a dense einsum oracle, and HF's load-balancing loss statistics.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from agq_jax.models.config import Qwen3Config
-from agq_jax.models.sharding import annotated_param, constrain
+from agq_jax.models.sharding import MESH_AXES, annotated_param, constrain, logical_to_pspec, target_platform
 
 
 class RouterStats(NamedTuple):
@@ -166,6 +167,82 @@ def experts_ragged(x, top_i, top_w, w_gate, w_up, w_down):
     return jnp.sum(out * top_w[..., None].astype(dt), axis=1)
 
 
+# Megablox tiles: rows (pairs) x contracted x output dims. Large tiles amortise the per-step overhead of the
+# grid; Mosaic needs each tile to be a multiple of 128 or the whole dim (the pair dim is padded to its tile).
+GMM_TILE_M, GMM_TILE_K, GMM_TILE_N = 512, 1024, 1024
+
+
+def _gmm_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Tiles per call: megablox asks this for each of its three matmuls (forward, dx, dW), whose k and n are
+    the forward's dims swapped, so a fixed tuple could not fit them all."""
+    return min(GMM_TILE_M, m), min(GMM_TILE_K, k), min(GMM_TILE_N, n)
+
+
+def _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, *, num_experts: int, expert_axis, reduce_axes,
+                            interpret: bool):
+    """One device's part of `experts_megablox`: its tokens, its experts [E_local, ...] and FFN slice."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    n, k = top_i.shape
+    flat_e = top_i.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+    m = n * k
+    tm = min(GMM_TILE_M, -(-m // 128) * 128)
+    pad = -m % tm
+    xs = jnp.take(x, order // k, axis=0)
+    if pad:  # zero rows in the last group: they add nothing to outputs or weight gradients
+        xs = jnp.pad(xs, ((0, pad), (0, 0)))
+        group_sizes = group_sizes.at[-1].add(pad)
+    offset = None
+    if expert_axis is not None:
+        offset = (jax.lax.axis_index(expert_axis) * w_gate.shape[0]).astype(jnp.int32)
+
+    def gmm(lhs, w):
+        return megablox.gmm(lhs, w, group_sizes, lhs.dtype, _gmm_tiling, offset, None, False, interpret)
+
+    h = jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
+    out = gmm(h, w_down)[:m]
+    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    y = jnp.sum(out * top_w[..., None].astype(out.dtype), axis=1)
+    return jax.lax.psum(y, reduce_axes) if reduce_axes else y
+
+
+def experts_megablox(x, top_i, top_w, w_gate, w_up, w_down, batch_rows: int | None = None):
+    """Dropless sort-based dispatch on Pallas megablox grouped matmuls (TPU). Unlike `jax.lax.ragged_dot`,
+    whose transpose w.r.t. the expert weights XLA:TPU computes against every expert under a mask, megablox's
+    custom VJP runs a grouped transposed matmul (`tgmm`) for dW and `gmm` on w.T for dx, so the backward pass
+    does the forward's grouped FLOPs twice, no more.
+
+    A Pallas call is opaque to GSPMD, so under a mesh it runs in `shard_map`: tokens split like the batch
+    (`batch_rows` rows of x form one sequence each, x is [batch_rows * T, H]), each device holds its expert
+    shard (group_offset) whole over fsdp and sliced over tensor on the FFN dim, and the partial outputs are
+    summed over tensor / expert after the weighted combine ([tokens, H], k times smaller than the pairs).
+    Off TPU the kernels run in Pallas interpret mode (tests)."""
+    num_experts = w_gate.shape[0]
+    dt = x.dtype
+    w_gate, w_up, w_down = (w.astype(dt) for w in (w_gate, w_up, w_down))
+    interpret = target_platform() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, num_experts=num_experts,
+                                       expert_axis=None, reduce_axes=(), interpret=interpret)
+    rows = batch_rows or x.shape[0]
+    batch_spec = logical_to_pspec(("batch",), (rows,), mesh)[0]
+    ffn = logical_to_pspec(("expert", None, "moe_mlp"), w_gate.shape, mesh)
+    expert_ax, tensor_ax = ffn[0], ffn[2]
+    tok = P(batch_spec, None)
+    w_in, w_out = P(expert_ax, None, tensor_ax), P(expert_ax, tensor_ax, None)
+    reduce_axes = tuple(a for spec in (tensor_ax, expert_ax) if spec is not None
+                        for a in ((spec,) if isinstance(spec, str) else spec))
+    if isinstance(expert_ax, tuple):
+        raise ValueError(f"experts sharded over several mesh axes {expert_ax}: one expert axis expected")
+    local = functools.partial(_experts_megablox_local, num_experts=num_experts, expert_axis=expert_ax,
+                              reduce_axes=reduce_axes, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+                         check_vma=False)(x, top_i, top_w, w_gate, w_up, w_down)
+
+
 def experts_tiled(x, top_i, top_w, w_gate, w_up, w_down, offset=0, num_experts: int | None = None,
                   tile: int | None = None):
     """Dropless dispatch for CPU: pairs scattered into a tile-padded buffer (no sort), three looped grouped
@@ -196,18 +273,19 @@ def experts_dense(x, top_i, top_w, w_gate, w_up, w_down):
     return jnp.einsum("enh,ne->nh", y, combine)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "tiled": experts_tiled, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "tiled": experts_tiled, "megablox": experts_megablox,
+                "dense": experts_dense}
 
 
 EXPERT_PARAMS = ("experts_gate_proj", "experts_up_proj", "experts_down_proj")
 
 
 def resolve_moe_impl(impl: str, backend: str | None = None) -> str:
-    """"auto": the looped CPU kernel ("tiled") on CPU, where XLA lowers ragged_dot densely; "ragged" on
-    GPU / TPU (grouped-GEMM kernels, experts sharded over the mesh)."""
+    """"auto": the looped CPU kernel ("tiled") on CPU, where XLA lowers ragged_dot densely; megablox on TPU
+    (XLA:TPU's ragged_dot weight gradient is dense over all experts); "ragged" on GPU."""
     if impl != "auto":
         return impl
-    return "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged"
+    return {"cpu": "tiled", "tpu": "megablox"}.get(backend or target_platform(), "ragged")
 
 
 class SparseMoeBlock(nnx.Module):
@@ -237,6 +315,9 @@ class SparseMoeBlock(nnx.Module):
         if stacked_layer is not None:
             experts = [w.reshape(-1, *w.shape[2:]) for w in experts]  # [L*E, ...]: free, contiguous
             kw = dict(offset=stacked_layer * num_experts, num_experts=num_experts)
-        y = EXPERT_IMPLS[resolve_moe_impl(self.impl)](flat, top_i, top_w, *experts, **kw)
+        impl = resolve_moe_impl(self.impl)
+        if impl == "megablox":
+            kw = dict(batch_rows=b)
+        y = EXPERT_IMPLS[impl](flat, top_i, top_w, *experts, **kw)
         y = constrain(y.reshape(b, t, h), ("batch", "seq", "act_embed"))
         return y, router_stats(probs, top_i, valid.reshape(-1))

@@ -103,6 +103,13 @@ def logical_to_pspec(logical: Sequence[str | None], shape: Sequence[int], mesh: 
     return P(*spec)
 
 
+def target_platform() -> str:
+    """The platform the traced program runs on: the devices of the mesh set with `jax.set_mesh` (so a TPU
+    program compiled ahead of time on a CPU host picks the TPU kernels), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation when a mesh is active (`jax.set_mesh`); a no-op otherwise."""
     mesh = jax.sharding.get_abstract_mesh()
