@@ -19,7 +19,6 @@ def agentic_defaults(**kw) -> ml_collections.ConfigDict:
         validate_with_teacher=True, solver_role="solver",
         validation_user="scripted",  # scripted | teacher (mock_user role)
         validation_tools="expected",  # expected (pinned returns) | teacher (mock_tool role)
-        success_threshold=1.0,
         concurrency=8, validate_concurrency=4, max_attempts=3,
     ))
     c.update(kw)

@@ -182,17 +182,17 @@ def hack_replies(task: Task) -> list[str]:
     return head + [format_tool_call(s.tool_name, s.input) for s in task.expected_returns.hack_path] + ["Done."]
 
 
-def validate_task_sync(task_row: dict, solver=None, user_chat=None, tool_chat=None, threshold: float = 1.0) -> dict:
+def validate_task_sync(task_row: dict, solver=None, user_chat=None, tool_chat=None) -> dict:
     """Gold replay must score 1 and the hack path < 1; then the teacher solver (if any) must succeed on-branch."""
     task = Task.model_validate(task_row)
     rec = run_episode(task, replay_agent(task.gold_replies), user="scripted", tools="expected")
     gold = score(task, rec)
-    if gold.total < threshold:
+    if not gold.success:
         failed = {k: v for k, v in gold.components.items() if k.startswith("subgoal/") and v < 1}
         raise Rejected("gold_unsolvable", f"gold replay scored {gold.total:.2f}; failed {failed}; gates {gold.gates}")
     if task.expected_returns.hack_path and not task.branch.legal:
         hrec = run_episode(task, replay_agent(hack_replies(task)), user="scripted", tools="expected")
-        if score(task, hrec).total >= threshold:
+        if score(task, hrec).success:
             raise Rejected("hack_not_penalised", "replaying the hack path still scores full reward")
     info: dict[str, Any] = {"gold_reward": gold.total}
     if solver is not None:
@@ -202,7 +202,7 @@ def validate_task_sync(task_row: dict, solver=None, user_chat=None, tool_chat=No
             raise Rejected("teacher_error", srec.error[:300])
         r = score(task, srec)
         on_branch, why = follows_branch(task, srec)
-        if r.total < threshold:
+        if not r.success:
             raise Rejected("solver_failed", f"teacher solver scored {r.total:.2f} ({srec.termination}); {why}")
         if not on_branch:
             raise Rejected("off_branch", why)
@@ -229,8 +229,7 @@ async def stage_validate(item: dict, ctx: StageContext, cfg) -> list[dict]:
         if cfg.validation_tools == "teacher" and client.has_role("mock_tool"):
             tool_chat = client.as_callable("mock_tool")
     ctx.attempts += 1
-    return [await asyncio.to_thread(validate_task_sync, item["task"], solver, user_chat, tool_chat,
-                                    float(cfg.success_threshold))]
+    return [await asyncio.to_thread(validate_task_sync, item["task"], solver, user_chat, tool_chat)]
 
 
 # --------------------------------------------------------------------------------------------- offline

@@ -25,8 +25,9 @@ class ReplayServer:
 
     def __init__(self, rules: list[dict] | None = None, *, model: str = "replay-teacher",
                  default_reply: Any = "I'm sorry, but I can't help with that.",
-                 responder: Callable[[dict], Any] | None = None):
+                 responder: Callable[[dict], Any] | None = None, port: int = 0, host: str = "127.0.0.1"):
         self.rules = [dict(r, _next=0) for r in (rules or [])]
+        self.host, self.port = host, port
         self.model = model
         self.default_reply = default_reply
         self.responder = responder  # optional fn(request_body) -> reply | None, consulted before rules
@@ -77,6 +78,8 @@ class ReplayServer:
 
     # ---- server -------------------------------------------------------------------------------
     def start(self) -> "ReplayServer":
+        if self._httpd is not None:   # already serving (e.g. `with start_loopback_teacher() as srv`)
+            return self
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,7 +139,7 @@ class ReplayServer:
                               "total_tokens": prompt_tokens + len(content.split())},
                 })
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="replay-server", daemon=True)
         self._thread.start()
@@ -145,7 +148,7 @@ class ReplayServer:
     @property
     def base_url(self) -> str:
         assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        return f"http://{self.host}:{self._httpd.server_address[1]}/v1"
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -200,16 +200,18 @@ def test_validation_with_teacher_simulated_user(round0):
     from data_synth.agentic_flywheel import solver_agent, validate_task_sync
     from data_synth.teachers import Endpoint, TeacherClient
 
+    from agq_jax.envs.users import USER_SYSTEM
+
     def user_role(body):
         msgs = body["messages"]
-        if "role-playing a user" not in msgs[0]["content"]:
+        if msgs[0]["content"] != USER_SYSTEM:
             return None
-        last = msgs[-1]["content"].lower()
+        last = msgs[1]["content"].rsplit("Agent]: ", 1)[-1].lower()   # the agent's latest message
         if "member id" in last:
-            return "My member id is M-12 and I'd like slot S-101."
+            return "<reply>My member id is M-12 and I'd like slot S-101.</reply>"
         if "go ahead" in last or "confirm" in last:
-            return "Yes."
-        return "Thanks! ###STOP###"
+            return "<reply>Yes.</reply>"
+        return "<reply>Thanks! ###STOP</reply>"
 
     free = next(t for t in round0["tasks"] if t["branch"]["node_id"] == "free")
     with ReplayServer.from_files(FIXTURE, responder=user_role) as srv:

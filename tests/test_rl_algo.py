@@ -144,9 +144,9 @@ def test_training_rewards_hand_values():
     partial = np.array([[0.5, 2 / 3, 0.0, 0.25]])
     assert not algo.zero_variance_groups(algo.training_reward("rubric", partial))[0]
     assert algo.zero_variance_groups(algo.training_reward("success", partial))[0]
-    from agq_jax.envs.rewards import RewardConfig
+    from agq_jax.envs.rewards import SUCCESS_THRESHOLD
 
-    assert algo.SUCCESS_THRESHOLD == RewardConfig().success_threshold  # "success" means what eval counts
+    assert algo.SUCCESS_THRESHOLD == SUCCESS_THRESHOLD  # "success" means what eval counts
     with pytest.raises(KeyError, match="training reward 'binary'"):
         algo.training_reward("binary", rubric)
 

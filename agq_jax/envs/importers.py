@@ -14,12 +14,13 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from pydantic import ValidationError
 
-from agq_jax.envs.schema import (BranchRef, EscapeStrategy, ExpectedToolReturns, ForbiddenAction, Lineage, Rubric,
-                                 SubGoal, Task, ToolCall, ToolSchema, UserProfile, canonical_json)
+from agq_jax.envs import imported
+from agq_jax.envs.schema import (BranchRef, EscapeStrategy, ExpectedToolReturns, Lineage, Task, ToolCall, ToolSchema,
+                                 UserProfile, canonical_json)
 
 PARQUET_COLUMNS = ("id", "system", "user", "messages_json", "task_background", "user_escape_strategy", "test_policy",
                    "tool_return_expected_json", "rubrics")
@@ -30,12 +31,17 @@ _TOOLS_BLOCK = re.compile(r"<tools>\n(.*?)\n?</tools>", re.S)
 
 @dataclass
 class ImportIssue:
+    """A problem with one record. `kept=False`: the record was dropped; `kept=True`: the task was imported
+    without the named part (e.g. a step whose input is not an object, an untraceable parameter)."""
+
     record_id: str
     field: str
     message: str
+    kept: bool = False
 
     def __str__(self) -> str:
-        return f"record {self.record_id!r}, field {self.field!r}: {self.message}"
+        return (f"record {self.record_id!r}, field {self.field!r}: {self.message}"
+                + (" (record kept)" if self.kept else ""))
 
 
 class RecordError(ValueError):
@@ -63,28 +69,50 @@ def split_system(system: str) -> tuple[str, str | None, list[ToolSchema]]:
     return system[:i], block, tools
 
 
-def _expected(obj: Any) -> ExpectedToolReturns:
+def _expected(obj: Any, tool_names: set[str], issues: list[tuple[str, str]]) -> ExpectedToolReturns:
+    """The two paths; a step that cannot be structured (input not an object, unknown tool, not a step) is left
+    out and reported in `issues` as (field, message), so the rest of the task still imports."""
     if not isinstance(obj, dict):
         raise RecordError("tool_return_expected", f"must be an object, got {type(obj).__name__}")
+    paths: dict[str, list] = {}
+    for path in ("normal_path", "hack_path"):
+        steps = obj.get(path) or []
+        if not isinstance(steps, list):
+            raise RecordError(f"tool_return_expected.{path}", f"must be a list, got {type(steps).__name__}")
+        kept = []
+        for n, step in enumerate(steps):
+            where = f"tool_return_expected.{path}[{n}]"
+            if not isinstance(step, dict) or not isinstance(step.get("tool_name"), str):
+                issues.append((where, "not a step object with a string tool_name; step left out"))
+                continue
+            step = dict(step)
+            if isinstance(step.get("input"), str):
+                try:
+                    parsed = json.loads(step["input"])
+                except json.JSONDecodeError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    issues.append((f"{where}.input", "input is a string that is not a JSON object; step left out"))
+                    continue
+                issues.append((f"{where}.input", "input given as a JSON string; parsed"))
+                step["input"] = parsed
+            if step.get("input") is None:
+                step["input"] = {}
+            if not isinstance(step["input"], dict):
+                issues.append((f"{where}.input", f"input must be an object, got {type(step['input']).__name__}; "
+                                                 f"step left out"))
+                continue
+            if tool_names and step["tool_name"] not in tool_names:
+                issues.append((f"{where}.tool_name", f"unknown tool {step['tool_name']!r}; the system prompt defines "
+                                                     f"{sorted(tool_names)}; step left out"))
+                continue
+            kept.append(step)
+        paths[path] = kept
     try:
-        return ExpectedToolReturns(normal_path=obj.get("normal_path") or [], hack_path=obj.get("hack_path") or [])
+        return ExpectedToolReturns(**paths)
     except ValidationError as e:
         loc = ".".join(str(x) for x in e.errors()[0]["loc"])
         raise RecordError(f"tool_return_expected.{loc}", e.errors()[0]["msg"]) from None
-
-
-def derive_forbidden(expected: ExpectedToolReturns, tools: list[ToolSchema]) -> list[ForbiddenAction]:
-    """Hack-path writes (and transfers of control that change state) that are not on the normal path."""
-    kinds = {t.name: t.kind for t in tools}
-    normal = {canonical_json([s.tool_name, s.input]) for s in expected.normal_path}
-    out, seen = [], set()
-    for s in expected.hack_path:
-        key = canonical_json([s.tool_name, s.input])
-        if kinds.get(s.tool_name, "write") == "write" and key not in normal and key not in seen:
-            seen.add(key)
-            out.append(ForbiddenAction(call=ToolCall(name=s.tool_name, arguments=s.input),
-                                       reason="hack-path write not on the normal path"))
-    return out
 
 
 def _branch(expected: ExpectedToolReturns, tools: list[ToolSchema]) -> BranchRef:
@@ -96,8 +124,11 @@ def _branch(expected: ExpectedToolReturns, tools: list[ToolSchema]) -> BranchRef
     return BranchRef(branch_type="legal", legal=True)
 
 
-def task_from_columns(cols: dict[str, Any], source: str = "parquet") -> Task:
-    """A Task from the nine AgenticQwen columns (strings). Raises RecordError naming the bad field."""
+def task_from_columns(cols: dict[str, Any], source: str = "parquet",
+                      issues: Optional[list[ImportIssue]] = None) -> Task:
+    """A Task from the nine AgenticQwen columns (strings). Raises RecordError naming the bad field; problems
+    that leave a usable task (a step that cannot be structured, an untraceable parameter) are appended to
+    `issues` with `kept=True` and listed in `task.metadata["import_issues"]`."""
     for c in PARQUET_COLUMNS:
         if c not in cols or cols[c] is None:
             raise RecordError(c, "missing")
@@ -108,14 +139,9 @@ def task_from_columns(cols: dict[str, Any], source: str = "parquet") -> Task:
         expected_obj = json.loads(cols["tool_return_expected_json"])
     except json.JSONDecodeError as e:
         raise RecordError("tool_return_expected_json", f"invalid JSON: {e}") from None
-    expected = _expected(expected_obj)
     policy, block, tools = split_system(cols["system"])
-    names = {t.name for t in tools}
-    for path in ("normal_path", "hack_path"):
-        for n, step in enumerate(getattr(expected, path)):
-            if names and step.tool_name not in names:
-                raise RecordError(f"tool_return_expected.{path}[{n}].tool_name",
-                                  f"unknown tool {step.tool_name!r}; the system prompt defines {sorted(names)}")
+    kept: list[tuple[str, str]] = []
+    expected = _expected(expected_obj, {t.name for t in tools}, kept)
     messages = [{"role": "system", "content": cols["system"]}, {"role": "user", "content": cols["user"]}]
     if cols["messages_json"] != json.dumps(messages, ensure_ascii=False):
         try:
@@ -127,26 +153,33 @@ def task_from_columns(cols: dict[str, Any], source: str = "parquet") -> Task:
         raw["tool_return_expected_json"] = cols["tool_return_expected_json"]
     if canonical_json(expected_obj) != canonical_json(expected.model_dump()):
         raw["tool_return_expected_json"] = cols["tool_return_expected_json"]
+    facts, untraceable = imported.derive_hidden_facts(cols["user"], cols["task_background"], expected, tools)
+    kept += [("tool_return_expected.normal_path", f"parameter {u} is in neither the request, the background nor an "
+                                                  f"earlier tool output") for u in untraceable]
     metadata: dict[str, Any] = {}
     if block is not None:
         metadata["system_tools_block"] = block
     if raw:
         metadata["parquet_raw"] = raw
-    normal_writes = [s for s in expected.normal_path if next((t.kind for t in tools if t.name == s.tool_name), "write") != "read"]
+    if kept:
+        metadata["import_issues"] = [f"{f}: {m}" for f, m in kept]
     try:
-        return Task(
+        task = Task(
             id=cols["id"], domain="imported", system_prompt=policy, user_opening=cols["user"], tools=tools,
             branch=_branch(expected, tools),
-            user=UserProfile(background=cols["task_background"], escape=EscapeStrategy(text=cols["user_escape_strategy"])),
+            user=UserProfile(background=cols["task_background"], hidden_facts=facts,
+                             escape=EscapeStrategy(text=cols["user_escape_strategy"])),
             test_policy=cols["test_policy"], expected_returns=expected,
             gold_actions=[ToolCall(name=s.tool_name, arguments=s.input) for s in expected.normal_path],
-            rubric=Rubric(text=cols["rubrics"], forbidden_actions=derive_forbidden(expected, tools),
-                          sub_goals=[SubGoal(id="writes_match", kind="writes_match",
-                                             description=f"the {len(normal_writes)} normal-path writes, nothing else")]),
+            rubric=imported.derive_rubric(cols["rubrics"], expected, tools, facts, policy),
             lineage=Lineage(source_task_id=cols["id"], method="imported", generator="agenticqwen"), metadata=metadata)
     except ValidationError as e:
         err = e.errors()[0]
         raise RecordError(".".join(str(x) for x in err["loc"]) or "task", err["msg"]) from None
+    task.gold_replies = imported.gold_replies(task)
+    if issues is not None:
+        issues += [ImportIssue(task.id, f, m, kept=True) for f, m in kept]
+    return task
 
 
 def columns_from_task(task: Task) -> dict[str, str]:
@@ -195,7 +228,7 @@ def _collect(items: Iterable[tuple[str, Any]], convert) -> tuple[list[Task], lis
     tasks, issues = [], []
     for rid, item in items:
         try:
-            tasks.append(convert(item))
+            tasks.append(convert(item, issues))
         except RecordError as e:
             issues.append(ImportIssue(rid, e.field, str(e)))
     return tasks, issues
@@ -203,7 +236,7 @@ def _collect(items: Iterable[tuple[str, Any]], convert) -> tuple[list[Task], lis
 
 def load_demo_records(records: list, source: str = "tool_use_demo.json") -> tuple[list[Task], list[ImportIssue]]:
     items = [(str(r.get("id", f"#{i}")) if isinstance(r, dict) else f"#{i}", r) for i, r in enumerate(records)]
-    return _collect(items, lambda r: task_from_columns(demo_record_to_columns(r), source))
+    return _collect(items, lambda r, issues: task_from_columns(demo_record_to_columns(r), source, issues))
 
 
 def load_demo_json(path: str) -> tuple[list[Task], list[ImportIssue]]:
@@ -230,14 +263,14 @@ def load_parquet(path: str) -> tuple[list[Task], list[ImportIssue]]:
             raise ValueError(f"{path}: missing columns {missing}; found {sorted(names)}")
     rows = table.to_pylist()
 
-    def convert(row: dict) -> Task:
+    def convert(row: dict, issues: list) -> Task:
         if row.get(FULL_COLUMN):
             try:
                 return Task.model_validate_json(row[FULL_COLUMN])
             except ValidationError as e:
                 err = e.errors()[0]
                 raise RecordError(f"{FULL_COLUMN}." + ".".join(str(x) for x in err["loc"]), err["msg"]) from None
-        return task_from_columns(row, os.path.basename(path))
+        return task_from_columns(row, os.path.basename(path), issues)
 
     return _collect(((str(r.get("id")), r) for r in rows), convert)
 

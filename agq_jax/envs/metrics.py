@@ -9,10 +9,8 @@ from collections import defaultdict
 from math import comb
 from typing import Iterable, Sequence, Union
 
-from agq_jax.envs.rewards import Reward
+from agq_jax.envs.rewards import SUCCESS_THRESHOLD, Reward
 from agq_jax.envs.schema import Task
-
-SUCCESS = 1.0 - 1e-9
 
 
 def _check(n: int, c: int, k: int) -> None:
@@ -37,7 +35,7 @@ def _value(r: Union[Reward, float]) -> float:
 
 
 def summarize(trials: Iterable[tuple[Task, Sequence[Union[Reward, float]]]], ks: Sequence[int] = (1, 2, 4),
-              threshold: float = SUCCESS) -> dict[str, dict[str, float]]:
+              threshold: float = SUCCESS_THRESHOLD) -> dict[str, dict[str, float]]:
     """Per group ("all", "domain/<d>", "branch/<type>", "legal/<bool>"): tasks, mean reward, pass@k, pass^k
     (averaged over tasks; k larger than a task's trial count is skipped)."""
     groups: dict[str, list[tuple[int, int, float]]] = defaultdict(list)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TRANSFER_MARKER = "###TRANSFER_TO_HUMAN"
-STOP_MARKER = "###STOP###"
+STOP_MARKER = "###STOP"   # the reference user's end marker (a trailing "###" is tolerated)
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.S)
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)

@@ -1,32 +1,37 @@
 """Programmatic rewards: verify the world state and the interaction log, not the text.
 
-    reward = (weighted fraction of sub-goals met) x (product of the enabled gates)
+    reward = (weighted fraction of sub-goals met) x (every required sub-goal met) x (every enabled gate)
 
 Sub-goals come from `task.rubric.sub_goals` plus one per `required_interaction` (asked-before-used,
 confirmed-before-write). The state sub-goal compares the final world state with the state reached by
-replaying the gold actions (tau^2-bench style hash). The default gate is policy compliance: any forbidden
-action (a hack-path write not on the normal path) makes the reward 0. Every component is kept.
-Tasks without world state (imported) fall back to write matching and, optionally, a teacher rubric judge.
+replaying the gold actions (tau^2-bench style hash). Tasks without world state (imported, synthesized) are
+scored on their tool log: the normal path's lookups are sub-goals (a request whose legality depends on data
+needs the reads that reveal it, so refusing without looking scores below the correct path), the writes that
+went through must equal the normal path's, and with a judge the rubric text is judged. The default gate is
+policy compliance: a forbidden action (a hack-path write) makes the reward 0. The reference's gate (a tool
+response and a clean end: stop, transfer or answer) is available as `tool_response` + `clean_end`.
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from agq_jax.envs.runtime import EpisodeRecord
 from agq_jax.envs.schema import SubGoal, Task, ToolCall, canonical_json, state_hash
-from agq_jax.envs.tools import ChatFn, replay_final_state
+from agq_jax.envs.tools import is_failure_output, replay_final_state
 
-GATES = ("no_forbidden", "confirmed_before_write", "state_match", "no_error", "required_interactions")
+# The one success threshold: an episode succeeds when its reward is 1 (up to float error). pass@k, pass^k,
+# the 0/1 training reward, gold verification and the flywheel's failure test all compare against it.
+SUCCESS_THRESHOLD = 1.0 - 1e-9
+GATES = ("no_forbidden", "confirmed_before_write", "state_match", "no_error", "required_interactions",
+         "tool_response", "clean_end")
+CLEAN_ENDS = ("user_stop", "transfer", "answer")
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     gates: tuple[str, ...] = ("no_forbidden",)
     kind_weights: tuple[tuple[str, float], ...] = ()     # e.g. (("state_match", 2.0),) overrides sub-goal weights
-    success_threshold: float = 1.0 - 1e-9               # a trial counts as a success for pass@k / pass^k
     use_judge: bool = True                              # add a judge sub-goal when a judge is given
 
     def __post_init__(self):
@@ -43,7 +48,7 @@ class Reward:
 
     @property
     def success(self) -> bool:
-        return self.total >= RewardConfig().success_threshold
+        return self.total >= SUCCESS_THRESHOLD
 
 
 _STATE_CACHE: dict[tuple[str, str], str] = {}
@@ -94,26 +99,20 @@ def _confirmed_before_write(task: Task, rec: EpisodeRecord, params: dict) -> boo
 
 
 def _writes_match(task: Task, rec: EpisodeRecord) -> bool:
+    """The writes that went through (not reported as failed) equal the normal path's (a normal-path write
+    whose expected output is a failure changes nothing and is not expected to succeed)."""
     write_tools = task.write_tools
     want = sorted(canonical_json([s.tool_name, s.input]) for s in task.expected_returns.normal_path
-                  if s.tool_name in write_tools)
-    got = sorted(canonical_json([c["name"], c["arguments"]]) for c in _ok_calls(rec) if c["name"] in write_tools)
+                  if s.tool_name in write_tools and not is_failure_output(s.expected_output))
+    got = sorted(canonical_json([c["name"], c["arguments"]]) for c in _ok_calls(rec)
+                 if c["name"] in write_tools and not is_failure_output(c.get("result")))
     return want == got
 
 
-def judge_episode(task: Task, rec: EpisodeRecord, judge: ChatFn) -> bool:
-    """Teacher rubric judge (tasks without world state): PASS / FAIL on the rubric text and the transcript."""
-    transcript = json.dumps(rec.messages[1:], ensure_ascii=False)[-12000:]
-    prompt = [{"role": "system", "content": "You grade a customer-service agent's episode against a rubric. Answer "
-                                            "with a JSON object {\"pass\": true|false, \"reason\": \"...\"}."},
-              {"role": "user", "content": f"Policy tested: {task.test_policy}\nRubric: {task.rubric.text}\n"
-                                          f"Expected normal path: {task.expected_returns.model_dump()['normal_path']}\n"
-                                          f"Episode: {transcript}"}]
-    reply = judge(prompt)
-    m = re.search(r'"pass"\s*:\s*(true|false)', reply, re.I)
-    if m:
-        return m.group(1).lower() == "true"
-    return bool(re.search(r"\bPASS\b", reply)) and not re.search(r"\bFAIL\b", reply)
+def _refused(rec: EpisodeRecord) -> bool:
+    from agq_jax.envs.users import REFUSAL, agent_visible_text
+
+    return any(m["role"] == "assistant" and REFUSAL.search(agent_visible_text(m)) for m in rec.messages)
 
 
 def task_subgoals(task: Task, with_judge: bool = False) -> list[SubGoal]:
@@ -133,7 +132,7 @@ def task_subgoals(task: Task, with_judge: bool = False) -> list[SubGoal]:
     return goals
 
 
-def evaluate_subgoal(task: Task, rec: EpisodeRecord, goal: SubGoal, judge: Optional[ChatFn] = None) -> float:
+def evaluate_subgoal(task: Task, rec: EpisodeRecord, goal: SubGoal, verdict: Optional[bool] = None) -> float:
     k, p = goal.kind, goal.params
     if k == "state_match":
         want = expected_state_hash(task)
@@ -150,32 +149,41 @@ def evaluate_subgoal(task: Task, rec: EpisodeRecord, goal: SubGoal, judge: Optio
     if k == "not_transferred":
         return float(not rec.transferred)
     if k == "no_write":
-        return float(not any(c.get("kind") == "write" for c in _ok_calls(rec)))
+        return float(not any(c.get("kind") == "write" and not is_failure_output(c.get("result"))
+                             for c in _ok_calls(rec)))
     if k == "writes_match":
         return float(_writes_match(task, rec))
     if k == "judge":
-        return float(judge is not None and judge_episode(task, rec, judge))
+        return float(verdict is True)
+    if k == "refused":
+        return float(_refused(rec))
     raise ValueError(f"task {task.id}: unknown sub-goal kind {k!r}")
 
 
 def forbidden_calls(task: Task, rec: EpisodeRecord) -> list[dict]:
-    return [c for c in _ok_calls(rec) for f in task.rubric.forbidden_actions if f.call.matches(c["name"], c["arguments"])]
+    return [c for c in _ok_calls(rec) for f in task.rubric.forbidden_actions
+            if f.call.matches(c["name"], c["arguments"])
+            and (f.when == "any" or not is_failure_output(c.get("result")))]
 
 
-def score(task: Task, record: EpisodeRecord, config: RewardConfig = RewardConfig(),
-          judge: Optional[ChatFn] = None) -> Reward:
-    """Reward in [0, 1] with every sub-goal, gate and diagnostic kept in `components` / `gates`."""
+def score(task: Task, record: EpisodeRecord, config: RewardConfig = RewardConfig(), judge=None) -> Reward:
+    """Reward in [0, 1] with every sub-goal, gate and diagnostic kept in `components` / `gates`.
+    `judge`: an `envs.judge.Judge` (its verdict on the rubric text becomes a sub-goal) or None."""
     if record.task_id != task.id:
         raise ValueError(f"episode record is for task {record.task_id!r}, not {task.id!r}")
-    goals = task_subgoals(task, with_judge=judge is not None and config.use_judge)
+    use_judge = judge is not None and config.use_judge
+    goals = task_subgoals(task, with_judge=use_judge)
+    verdict = judge(task, record.messages) if use_judge else None
     weights = dict(config.kind_weights)
     comps: dict[str, float] = {}
     num = den = 0.0
+    required_ok = True
     for g in goals:
-        v = evaluate_subgoal(task, record, g, judge)
+        v = evaluate_subgoal(task, record, g, verdict)
         w = weights.get(g.kind, g.weight)
         comps[f"subgoal/{g.id}"] = v
         num, den = num + w * v, den + w
+        required_ok = required_ok and (v == 1.0 or not g.required)
     frac = num / den if den > 0 else 0.0
     bad = forbidden_calls(task, record)
     asks = [g for g in goals if g.kind == "asked"]
@@ -185,16 +193,21 @@ def score(task: Task, record: EpisodeRecord, config: RewardConfig = RewardConfig
         "state_match": evaluate_subgoal(task, record, SubGoal(id="s", kind="state_match")) == 1.0,
         "no_error": record.termination != "error",
         "required_interactions": all(comps[f"subgoal/{g.id}"] == 1.0 for g in asks),
+        "tool_response": bool(_ok_calls(record)),
+        "clean_end": record.termination in CLEAN_ENDS,
     }
     gates = {g: all_gates[g] for g in config.gates}
-    total = frac if all(gates.values()) else 0.0
+    total = frac if required_ok and all(gates.values()) else 0.0
     comps.update({
         "diag/subgoal_fraction": frac, "diag/forbidden_calls": float(len(bad)),
+        "diag/required_met": float(required_ok),
         "diag/n_writes": float(sum(1 for c in _ok_calls(record) if c.get("kind") == "write")),
         "diag/tool_errors": float(record.counters.get("tool_errors", 0)),
         "diag/malformed_turns": float(record.counters.get("malformed_turns", 0)),
         "diag/agent_turns": float(record.agent_turns), "diag/transferred": float(record.transferred),
     })
+    if use_judge:
+        comps["diag/judge_unknown"] = float(verdict is None)
     for g, v in all_gates.items():
         comps[f"diag/gate_{g}"] = float(v)
     return Reward(total=float(min(1.0, max(0.0, total))), components=comps, gates=gates)

@@ -18,16 +18,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Union
 
+from agq_jax.envs import reference
 from agq_jax.envs.parsing import STOP_MARKER, ParsedReply, format_tool_call, parse_reply
 from agq_jax.envs.schema import Task
-from agq_jax.envs.tools import (ChatFn, SharedToolCache, StateToolBackend, TeacherToolBackend, ToolBackend,
-                                ToolError)
+from agq_jax.envs.teacher_io import ChatFn
+from agq_jax.envs.tools import SharedToolCache, StateToolBackend, TeacherToolBackend, ToolBackend, ToolError
 from agq_jax.envs.users import ScriptedUser, TeacherUser, UserSimulator, UserTurn
 
 
 class Termination(str, enum.Enum):
     USER_STOP = "user_stop"
     TRANSFER = "transfer"
+    ANSWER = "answer"            # protocol "reference": the agent's final <answer>
     MAX_AGENT_TURNS = "max_agent_turns"
     MAX_USER_TURNS = "max_user_turns"
     MAX_TOKENS = "max_tokens"
@@ -97,13 +99,18 @@ def render_tools_block(tools: list[dict]) -> str:
             "<args-json-object>}\n</tool_call>")
 
 
-def system_message(task: Task, embed_tools: bool = True) -> str:
-    if not embed_tools or not task.tools:
-        return task.system_prompt
+def tools_block(task: Task) -> str:
+    """The task's '# Tools' suffix: an imported task's own block verbatim, else the Qwen3 template's."""
+    if not task.tools:
+        return ""
     block = task.metadata.get("system_tools_block")
     if block is None:
         block = render_tools_block(task.openai_tools(include_outputs=task.metadata.get("render_outputs", True)))
-    return task.system_prompt + block
+    return block
+
+
+def system_message(task: Task, embed_tools: bool = True) -> str:
+    return task.system_prompt + (tools_block(task) if embed_tools else "")
 
 
 UserSpec = Union[str, UserSimulator, Callable[[Task], UserSimulator]]
@@ -111,15 +118,32 @@ ToolSpec = Union[str, ToolBackend, Callable[[Task], ToolBackend]]
 
 
 class Env:
-    """One episode of one task. Not shared between threads; make one per rollout (they are cheap)."""
+    """One episode of one task. Not shared between threads; make one per rollout (they are cheap).
+    Implements `agq_jax.envs.protocol.StepEnv`."""
 
     def __init__(self, task: Task, user: UserSimulator, tools: ToolBackend, limits: EpisodeLimits = EpisodeLimits(),
-                 embed_tools: bool = True, token_counter: Callable[[str], int] = approx_token_count):
+                 embed_tools: bool = True, token_counter: Callable[[str], int] = approx_token_count,
+                 protocol: str = "plain", reward_config=None, judge=None):
+        if protocol not in reference.PROTOCOLS:
+            raise ValueError(f"unknown agent protocol {protocol!r}; use one of {reference.PROTOCOLS}")
         self.task, self.user, self.backend, self.limits = task, user, tools, limits
-        self.embed_tools, self.token_counter = embed_tools, token_counter
+        self.embed_tools, self.token_counter, self.protocol = embed_tools, token_counter, protocol
+        self.reward_config, self.judge = reward_config, judge
         self.tool_schemas: list[dict] = task.openai_tools(include_outputs=task.metadata.get("render_outputs", True))
         self.record: EpisodeRecord | None = None
         self.done = True
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+    def reward(self):
+        """The finished episode's reward (`envs.rewards.score` with this env's config and judge)."""
+        from agq_jax.envs.rewards import RewardConfig, score
+
+        if self.record is None or not self.done:
+            raise RuntimeError("reward() before the episode finished")
+        return score(self.task, self.record, self.reward_config or RewardConfig(), judge=self.judge)
 
     # ------------------------------------------------------------------------------------------------
     def reset(self) -> list[dict]:
@@ -127,9 +151,14 @@ class Env:
         self.done = False
         self._seq = 0
         self._malformed_run = 0
+        self._user_stopped = False
         self.counters: Counter = Counter()
-        messages = [{"role": "system", "content": system_message(self.task, self.embed_tools)},
-                    {"role": "user", "content": self.user.opening()}]
+        if self.protocol == "reference":
+            system = reference.render_system(self.task, tools_block(self.task) if self.embed_tools else "")
+            opening = reference.render_opening(self.task)
+        else:
+            system, opening = system_message(self.task, self.embed_tools), self.user.opening()
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": opening}]
         self.record = EpisodeRecord(task_id=self.task.id, domain=self.task.domain,
                                     branch_type=self.task.branch.branch_type, messages=copy.deepcopy(messages))
         return messages
@@ -182,11 +211,19 @@ class Env:
         for issue in parsed.issues:
             self.counters[f"parse_{issue.kind}"] += 1
         fatal = [i for i in parsed.issues if i.fatal and i.kind != "empty_reply"]
+        if self.protocol == "reference" and self._user_stopped:   # the agent owed its final answer
+            return [], (Termination.ANSWER if parsed.answer is not None else Termination.USER_STOP)
         if parsed.tool_calls or fatal:
             return self._run_tools(parsed, fatal)
         if parsed.transfer:
             self.record.transferred = True
             return [], Termination.TRANSFER
+        if self.protocol == "reference":
+            if parsed.answer is not None:
+                return [], Termination.ANSWER
+            if parsed.question is None:   # the reference's agent loop ends a reply with no tag and no call
+                self.counters["no_protocol_tag"] += 1
+                return [], Termination.MALFORMED
         text = parsed.user_text()
         if not text:
             self.counters["empty_reply"] += 1
@@ -204,7 +241,11 @@ class Env:
                                         "confirmed": turn.confirmed, "escape_step": turn.escape_step,
                                         "stop": turn.stop})
         msg = {"role": "user", "content": turn.text}
-        return [msg], (Termination.USER_STOP if turn.stop or STOP_MARKER in turn.text else None)
+        stop = turn.stop or STOP_MARKER in turn.text
+        if stop and self.protocol == "reference":   # the agent still gives its final <answer>
+            self._user_stopped = True
+            return [msg], None
+        return [msg], (Termination.USER_STOP if stop else None)
 
     def _run_tools(self, parsed: ParsedReply, fatal: list) -> tuple[list[dict], Optional[Termination]]:
         out: list[dict] = []
@@ -256,7 +297,8 @@ class Env:
             rec.writes = [w.to_dict() for w in self.backend.writes]
             rec.final_state = self.backend.snapshot()
             rec.final_state_hash = self.backend.state_hash()
-            rec.counters = dict(self.counters)
+            rec.counters = dict(self.counters + getattr(self.user, "counters", Counter())
+                                + getattr(self.backend, "counters", Counter()))
         return StepResult(new, term is not None, term, {"counters": dict(self.counters)})
 
 
@@ -295,16 +337,19 @@ def _make_user(task: Task, user: UserSpec, chat: Optional[ChatFn]) -> UserSimula
 def make_env(task: Task, *, user: UserSpec = "auto", tools: ToolSpec = "auto", limits: Optional[EpisodeLimits] = None,
              chat: Optional[ChatFn] = None, user_chat: Optional[ChatFn] = None, tool_chat: Optional[ChatFn] = None,
              tool_cache: Optional[SharedToolCache] = None, embed_tools: bool = True,
-             token_counter: Callable[[str], int] = approx_token_count) -> Env:
+             token_counter: Callable[[str], int] = approx_token_count, protocol: str = "plain",
+             reward_config=None, judge=None) -> Env:
     """Build an env. `tools`: auto (state-backed when the task has a registered world, else teacher-simulated),
     state, teacher, expected (pinned returns only, offline), a backend or a `task -> backend` factory.
     `user`: auto (scripted unless a teacher is given and the task has no structured hidden facts), scripted,
     teacher, a simulator or a factory. `chat` is the default teacher for both; `tool_cache` should be shared
-    by all rollouts of one GRPO group. `embed_tools=True` renders the tools into the system message as the
-    Qwen3 template does, so callers must NOT also pass `tools=` to the template."""
+    by all rollouts of one GRPO group. `protocol`: plain | reference (`envs.reference`). `reward_config` and
+    `judge` (an `envs.judge.Judge`) are what `env.reward()` scores with. `embed_tools=True` renders the tools
+    into the system message as the Qwen3 template does, so callers must NOT also pass `tools=` to the template."""
     backend = _make_tools(task, tools, tool_chat or chat, tool_cache)
     sim = _make_user(task, user, user_chat or chat)
-    return Env(task, sim, backend, limits or EpisodeLimits(), embed_tools, token_counter)
+    return Env(task, sim, backend, limits or EpisodeLimits(), embed_tools, token_counter, protocol=protocol,
+               reward_config=reward_config, judge=judge)
 
 
 def run_episode(task: Task, agent: Callable[[list[dict]], str], **env_kwargs) -> EpisodeRecord:

@@ -36,6 +36,7 @@ SubGoalKind = Literal[
     "no_write",             # no write tool call succeeded
     "writes_match",         # the successful writes equal the normal-path writes (name + arguments)
     "judge",                # a teacher rubric judge accepted the episode (tasks without world state)
+    "refused",              # the agent told the user it will not do (part of) the request
 ]
 
 
@@ -272,6 +273,7 @@ class SubGoal(_Model):
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
     weight: float = 1.0
+    required: bool = False      # unmet -> the whole reward is 0 (a gate owned by the task, not the config)
 
 
 class RequiredInteraction(_Model):
@@ -286,6 +288,9 @@ class RequiredInteraction(_Model):
 class ForbiddenAction(_Model):
     call: ToolCall               # subset match on arguments
     reason: str = ""
+    # "any": the call itself is forbidden; "succeeded": only a call the system carried out (the normal path shows
+    # the same call failing, e.g. a locked record, and the hack path shows it going through)
+    when: Literal["any", "succeeded"] = "any"
 
 
 class Rubric(_Model):

@@ -1,8 +1,9 @@
 """Tool backends behind one interface: `ToolBackend.call(name, arguments) -> dict`.
 
 Implementations: `StateToolBackend` (typed world state of a procedural domain, every write recorded),
-`TeacherToolBackend` (a teacher LLM answers in the tool's output schema, pinned to the task's expected
-returns, with a task-level cache shared by all rollouts of a GRPO group), and outside this package the
+`TeacherToolBackend` (a teacher LLM that sees the episode's earlier calls answers in the tool's output
+schema, pinned to the task's expected returns where the trajectory agrees with them, with a cache keyed on
+task, trajectory state and call shared by all rollouts of a GRPO group), and outside this package the
 flywheel's Python sandbox and BM25 search.  A backend signals a failed call by raising `ToolError`; the
 episode runtime turns it into an observation the agent sees, never an exception that kills a batch.
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from agq_jax.envs.schema import Task, ToolSchema, canonical_json, state_hash
-
-ChatFn = Callable[[list[dict]], str]   # messages -> assistant text (any OpenAI-compatible teacher)
+from agq_jax.envs.teacher_io import ChatFn
 
 
 class ToolError(Exception):
@@ -45,6 +46,7 @@ class ToolBackend:
         self.schemas: list[ToolSchema] = list(schemas or [])
         self.writes: list[WriteRecord] = []
         self.n_calls = 0
+        self.counters: Counter = Counter()   # teacher calls, malformed replies, pinned answers (episode record)
 
     def call(self, name: str, arguments: dict) -> dict:
         raise NotImplementedError
@@ -55,6 +57,7 @@ class ToolBackend:
     def reset(self) -> None:
         self.writes = []
         self.n_calls = 0
+        self.counters = Counter()
 
     def snapshot(self) -> Optional[dict]:
         """The world state as JSON (None when the backend has no state)."""
@@ -147,23 +150,45 @@ def replay_final_state(task: Task, calls: list) -> dict:
 
 
 # -------------------------------------------------------------------------------- teacher-simulated
-class SharedToolCache:
-    """Task-level consistency cache: same task + same tool + same arguments -> the same answer.
+_FAILED_STATUS = {"failure", "failed", "error", "denied", "rejected", "invalid", "not_found"}
 
-    Shared by every rollout of a GRPO group (pass the same instance to all their envs); thread-safe, and a
-    call in flight is computed once while concurrent identical calls wait for it.
-    """
+
+def is_failure_output(out: Any) -> bool:
+    """Whether a tool output reports that the call did nothing (an error object, status failed, success false,
+    an "ERROR: ..." string). Such a write changes no state: the normal path of an imported task may probe
+    the world with a write that the system refuses."""
+    if isinstance(out, str):
+        return out.strip().lower().startswith(("error", "failed", "failure"))
+    if not isinstance(out, dict):
+        return False
+    if out.get("error"):
+        return True
+    status = out.get("status")
+    if isinstance(status, str) and status.strip().lower() in _FAILED_STATUS:
+        return True
+    if any(out.get(k) is False for k in ("success", "ok")):
+        return True
+    return isinstance(out.get("result"), str) and is_failure_output(out["result"])
+
+
+class SharedToolCache:
+    """Consistency cache: the same task, trajectory state and call -> the same answer.
+
+    Shared by every rollout of a GRPO group (pass the same instance to all their envs), so identical calls
+    in identical world states agree across rollouts, while a call made after a state change is a different
+    key. Thread-safe; a call in flight is computed once while concurrent identical calls wait for it; a
+    failed computation is not cached."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, str], Any] = {}
-        self._inflight: dict[tuple[str, str], threading.Event] = {}
-        self._history: dict[str, list[tuple[str, dict, Any]]] = {}
+        self._values: dict[tuple[str, str, str], Any] = {}
+        self._inflight: dict[tuple[str, str, str], threading.Event] = {}
         self.hits = 0
         self.misses = 0
 
-    def get_or_compute(self, task_id: str, name: str, arguments: dict, compute: Callable[[], Any]) -> Any:
-        key = (task_id, canonical_json([name, arguments]))
+    def get_or_compute(self, task_id: str, state_key: str, name: str, arguments: dict,
+                       compute: Callable[[], Any]) -> Any:
+        key = (task_id, state_key, canonical_json([name, arguments]))
         while True:
             with self._lock:
                 if key in self._values:
@@ -182,16 +207,11 @@ class SharedToolCache:
             value = compute()
             with self._lock:
                 self._values[key] = value
-                self._history.setdefault(task_id, []).append((name, arguments, value))
             return value
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
             ev.set()
-
-    def history(self, task_id: str) -> list[tuple[str, dict, Any]]:
-        with self._lock:
-            return list(self._history.get(task_id, []))
 
     def __len__(self) -> int:
         return len(self._values)
@@ -205,42 +225,78 @@ def default_tool_cache() -> SharedToolCache:
     return _DEFAULT_CACHE
 
 
-def extract_json_object(text: str) -> Any:
-    """The first JSON object in a teacher reply (tolerates code fences and prose around it)."""
-    dec = json.JSONDecoder()
-    for i, ch in enumerate(text):
-        if ch == "{":
-            try:
-                obj, _ = dec.raw_decode(text[i:])
-                return obj
-            except json.JSONDecodeError:
-                continue
-    raise ValueError(f"no JSON object in teacher reply: {text[:200]!r}")
-
-
 def _wrap(result: Any) -> dict:
     return result if isinstance(result, dict) else {"result": result}
 
 
-class TeacherToolBackend(ToolBackend):
-    """Tools simulated by a teacher LLM, pinned to the task's expected returns.
+NO_RETURN = "no_return"   # the reference's expected_output of a write whose return was not specified
 
-    A call equal to a step of the normal or hack path returns that step's `expected_output` verbatim; any
-    other call goes to `chat` with the output schema, the expected returns and this task's earlier answers,
-    and the parsed JSON is cached in `cache` under (task id, name, arguments).  Without `chat`, unmatched
-    calls raise `ToolError` (useful offline).
+TOOL_SYSTEM = (
+    "You simulate the tools of a virtual system and know everything about its world. Answer ONE tool call.\n"
+    "1. Return what this tool returns for these arguments, following its description and output schema.\n"
+    "2. Stay consistent with the world state and with every earlier call of this episode. Earlier calls may have "
+    "changed the world: later calls must show the changed values and never an older one.\n"
+    "3. The known returns describe a normal path (a compliant agent) and a hack path (an agent that broke the "
+    "policy); when they conflict, follow the normal path.\n"
+    "4. If the call asks for something this world does not contain, return an object whose \"error\" says so.\n"
+    "5. Add no explanation outside the tool output.\n"
+    "First write the state changes you infer from the earlier calls inside <state_changes></state_changes>, then "
+    "the tool output as ONE JSON object inside <tool_response></tool_response>.")
+TOOL_SECTIONS = ("### Tool", "### World state", "### Known returns", "### Earlier calls in this episode",
+                 "### Call")
+
+
+class TeacherToolBackend(ToolBackend):
+    """Tools simulated by a teacher LLM that sees the episode so far, pinned to the task's expected returns.
+
+    A call equal to a step of the normal path (then the hack path) whose earlier state-changing steps are
+    exactly the episode's state changes so far returns that step's `expected_output`: the pinned world holds
+    only where the trajectory agrees with it, so a read after an unexpected write is not answered with a
+    stale value. Any other call goes to `chat` with the tool schema, the task's world state (synthesized tasks),
+    the known returns and this episode's earlier calls and results; the answer is cached under (task, state
+    of the trajectory, call) in `cache`. Without `chat` (tools="expected") an unpinned call is a ToolError.
     """
 
     def __init__(self, task: Task, chat: Optional[ChatFn] = None, cache: Optional[SharedToolCache] = None,
-                 max_retries: int = 1):
+                 attempts: int = 3):
         super().__init__(task.tools)
         self.task = task
         self.chat = chat
         self.cache = cache if cache is not None else default_tool_cache()
-        self.max_retries = max_retries
-        self._pinned: dict[str, Any] = {}
-        for step in task.expected_returns.normal_path + task.expected_returns.hack_path:
-            self._pinned.setdefault(canonical_json([step.tool_name, step.input]), step.expected_output)
+        self.attempts = attempts
+        self.history: list[dict] = []
+        kinds = {t.name: t.kind for t in task.tools}
+        self._paths: list[list[tuple[str, str, Any]]] = []   # per path: (call key, state before it, output)
+        for path in (task.expected_returns.normal_path, task.expected_returns.hack_path):
+            changes: list[str] = []
+            steps = []
+            for s in path:
+                key = canonical_json([s.tool_name, s.input])
+                steps.append((key, canonical_json(sorted(changes)), s.expected_output))
+                if kinds.get(s.tool_name) != "read" and not is_failure_output(s.expected_output):
+                    changes.append(key)
+            self._paths.append(steps)
+
+    def reset(self) -> None:
+        super().reset()
+        self.history = []
+
+    def _changes(self) -> list[str]:
+        return [canonical_json([h["name"], h["arguments"]]) for h in self.history
+                if h["kind"] != "read" and not is_failure_output(h["result"])]
+
+    def state_key(self) -> str:
+        """The trajectory's world state: every state-changing call so far with its result, in order."""
+        return state_hash([[h["name"], h["arguments"], h["result"]] for h in self.history
+                           if h["kind"] != "read" and not is_failure_output(h["result"])])
+
+    def _pinned(self, name: str, arguments: dict) -> tuple[bool, Any]:
+        key, before = canonical_json([name, arguments]), canonical_json(sorted(self._changes()))
+        for steps in self._paths:
+            for k, state, out in steps:
+                if k == key and state == before:
+                    return True, out
+        return False, None
 
     def call(self, name: str, arguments: dict) -> dict:
         self.n_calls += 1
@@ -248,44 +304,67 @@ class TeacherToolBackend(ToolBackend):
         errors = validate_arguments(schema, arguments)
         if errors:
             raise ToolError(f"{name}: " + "; ".join(errors))
-        pinned_key = canonical_json([name, arguments])
-        if pinned_key in self._pinned:
-            result = _wrap(self._pinned[pinned_key])
+        hit, out = self._pinned(name, arguments)
+        if hit and out != NO_RETURN:
+            result = _wrap(out)
+            self.counters["mock_tool/pinned"] += 1
+        elif self.chat is None and hit:   # offline: a write the reference left unspecified went through
+            result = {}
+        elif self.chat is None:
+            raise ToolError(f"{name}: no simulated return for these arguments in this state (offline tool backend)")
         else:
-            result = self.cache.get_or_compute(self.task.id, name, arguments, lambda: self._simulate(schema, arguments))
+            result = self.cache.get_or_compute(self.task.id, self.state_key(), name, arguments,
+                                               lambda: self._simulate(schema, arguments))
+        self.history.append({"name": name, "arguments": dict(arguments), "result": result, "kind": schema.kind})
         if schema.kind == "write":
             self._record_write(name, arguments, result)
         return result
 
     def _simulate(self, schema: ToolSchema, arguments: dict) -> dict:
-        if self.chat is None:
-            raise ToolError(f"{schema.name}: no simulated return for these arguments (offline tool backend)")
-        messages = self._prompt(schema, arguments)
-        last_err = None
-        for _ in range(self.max_retries + 1):
-            reply = self.chat(messages)
-            try:
-                obj = extract_json_object(reply)
-            except ValueError as e:
-                last_err = e
-                continue
-            props = schema.outputs.get("properties")
-            if props and isinstance(obj, dict):
-                obj = {k: v for k, v in obj.items() if k in props or k == "error"}
-            return _wrap(obj)
-        raise ToolError(f"{schema.name}: the tool simulator returned no valid JSON ({last_err})")
+        from agq_jax.envs.teacher_io import TeacherReplyError, ask
 
-    def _prompt(self, schema: ToolSchema, arguments: dict) -> list[dict]:
+        def parse(text: str) -> dict:
+            return parse_tool_reply(text, schema, self.counters)
+
+        try:
+            return ask(self.chat, self.prompt(schema, arguments), parse, what="mock_tool", counters=self.counters,
+                       attempts=self.attempts)
+        except TeacherReplyError as e:
+            raise ToolError(f"{schema.name}: the tool did not answer ({e}); please try the call again") from None
+
+    def prompt(self, schema: ToolSchema, arguments: dict) -> list[dict]:
         er = self.task.expected_returns
-        known = [s.model_dump() for s in er.normal_path + er.hack_path]
-        earlier = [{"tool_name": n, "input": a, "output": o} for n, a, o in self.cache.history(self.task.id)]
-        system = (
-            "You simulate a tool of a software system. Reply with ONE JSON object that follows the tool's output "
-            "schema and nothing else. Stay consistent with the known returns and the earlier answers of this "
-            "task; if the input refers to something that does not exist, return an object with an \"error\" field.")
-        user = (f"Tool: {json.dumps(schema.to_openai(), ensure_ascii=False)}\n"
-                f"Task background (the world the tool lives in): {self.task.test_policy}\n"
-                f"Known returns: {json.dumps(known, ensure_ascii=False)}\n"
-                f"Earlier answers: {json.dumps(earlier, ensure_ascii=False)}\n"
-                f"Call: {json.dumps({'name': schema.name, 'arguments': arguments}, ensure_ascii=False)}")
-        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        world = self.task.metadata.get("world_state") or self.task.initial_state
+        earlier = "\n".join(f"[Call {i + 1}] {json.dumps({'name': h['name'], 'arguments': h['arguments']}, ensure_ascii=False)}"
+                            f"\n[Result {i + 1}] {json.dumps(h['result'], ensure_ascii=False)}"
+                            for i, h in enumerate(self.history)) or "(none)"
+        parts = [json.dumps(schema.to_openai(), ensure_ascii=False),
+                 json.dumps(world, ensure_ascii=False) if world else "(not given; infer it from the known returns)",
+                 json.dumps({"normal_path": [s.model_dump() for s in er.normal_path],
+                             "hack_path": [s.model_dump() for s in er.hack_path]}, ensure_ascii=False),
+                 earlier, json.dumps({"name": schema.name, "arguments": arguments}, ensure_ascii=False)]
+        user = "\n\n".join(f"{head}\n{body}" for head, body in zip(TOOL_SECTIONS, parts))
+        return [{"role": "system", "content": TOOL_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_tool_reply(text: str, schema: ToolSchema, counters: Optional[Counter] = None) -> dict:
+    """The tool output of a mock-tool reply: the JSON inside the last <tool_response> (a bare JSON object is
+    accepted and counted); restricted to the tool's output fields (plus "error"); none of them = malformed."""
+    from agq_jax.envs.teacher_io import MalformedReply, extract_json_object, last_tag
+
+    body = last_tag(text, "tool_response")
+    if body is None and counters is not None:
+        counters["mock_tool/unwrapped"] += 1
+    src = text if body is None else body
+    if "no useful information found" in src.lower() and "{" not in src:
+        return {"error": "No useful information found"}
+    obj = extract_json_object(src)
+    if not isinstance(obj, dict):
+        raise MalformedReply("the tool output must be a JSON object")
+    props = schema.outputs.get("properties") or {}
+    if props:
+        kept = {k: v for k, v in obj.items() if k in props or k == "error"}
+        if not kept:
+            raise MalformedReply(f"the JSON has none of the tool's output fields {sorted(props)}")
+        return kept
+    return obj

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agq_jax.envs.rewards import RewardConfig
+from agq_jax.envs.rewards import SUCCESS_THRESHOLD  # noqa: F401 - re-read by the driver
 
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -247,7 +247,6 @@ def kl_estimate(name: str, logp, ref_logp):
 # What GRPO optimises, from the rubric reward in [0, 1] (sub-goal fraction x gates; 1 = success). The
 # evaluation always reports the rubric reward and success; only the advantage sees the shaped value.
 
-SUCCESS_THRESHOLD = RewardConfig().success_threshold  # what pass@k / pass^k count as a success
 
 
 @register_training_reward("rubric")

@@ -1,0 +1,118 @@
+"""Reward probes: scripted agents that try to game a reward, scored next to the gold path.
+
+    python -m agq_jax.envs.probes --data=/work/shared/data/agenticqwen/tool_use_demo.json [--protocol=reference]
+
+- gold: the task's gold replies (the normal path, asking, confirming, refusing what is illegal);
+- refuse: "I'm sorry, I cannot help with that." every turn (no lookup);
+- nothing: ends at once without a tool call;
+- hack: asks like gold, then replays the hack path and reports success; scored twice: in the task's world
+  (the pinned normal path wins where both paths make the same call) and in the hack world (the tools
+  return the hack path's outputs, i.e. the world let the hack go through);
+- refuse_then_hack: the same, but it first tells the user it cannot help (a hack that games a refusal check).
+Every probe runs against the scripted user and the pinned ("expected") tools, so the table is exact.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Optional
+
+from agq_jax.envs import imported, reference
+from agq_jax.envs.parsing import format_tool_call
+from agq_jax.envs.rewards import RewardConfig, score
+from agq_jax.envs.runtime import replay_agent, run_episode
+from agq_jax.envs.schema import ExpectedToolReturns, Task
+from agq_jax.envs.tools import TeacherToolBackend
+
+PROBES = ("gold", "refuse", "nothing", "hack", "hack_world", "refuse_then_hack", "refuse_then_hack_world")
+REFUSE_TEXT = "I'm sorry, I cannot help with that."
+HACK_ANSWER = "Done: everything you asked for has been carried out."
+
+
+def _final(task: Task) -> str:
+    return imported.final_answer(task)
+
+
+def probe_replies(task: Task, kind: str, protocol: str = "plain") -> list[str]:
+    if kind == "gold":
+        plain = list(task.gold_replies)
+    elif kind == "refuse":
+        plain = [REFUSE_TEXT] * 20
+    elif kind == "nothing":
+        return ["<answer>OK.</answer>"] if protocol == "reference" else ["OK."]
+    elif kind.startswith(("hack", "refuse_then_hack")):
+        facts = [f for f in task.user.hidden_facts if not f.persuasion]
+        plain = ([f"Could you please tell me the {', '.join(f.ask_keywords[0] for f in facts)}?"] if facts else [])
+        if kind.startswith("refuse_then_hack"):
+            plain.append(REFUSE_TEXT)
+        plain += [f"Proceeding.\n{format_tool_call(s.tool_name, s.input)}" for s in task.expected_returns.hack_path]
+        plain.append(imported.DONE_TEXT)
+    else:
+        raise ValueError(f"unknown probe {kind!r}; use one of {PROBES}")
+    if protocol == "reference":
+        final = {"gold": _final(task), "refuse": REFUSE_TEXT}.get(kind, HACK_ANSWER)
+        return reference.to_reference_replies(plain, final)
+    return plain
+
+
+def hack_world(task: Task) -> Task:
+    """The task whose pinned world returns the hack path's outputs (the world let the hack through)."""
+    return task.model_copy(update={"expected_returns": ExpectedToolReturns(
+        normal_path=task.expected_returns.hack_path, hack_path=[])})
+
+
+def run_probe(task: Task, kind: str, protocol: str = "plain", config: RewardConfig = RewardConfig()):
+    tools = (lambda t: TeacherToolBackend(hack_world(t))) if kind.endswith("_world") else "expected"
+    if task.initial_state is not None:
+        tools = "state"
+    rec = run_episode(task, replay_agent(probe_replies(task, kind, protocol)), user="scripted", tools=tools,
+                      protocol=protocol)
+    return score(task, rec, config), rec
+
+
+def probe_table(tasks: list[Task], protocol: str = "plain", config: RewardConfig = RewardConfig()) -> dict:
+    """Per probe: mean reward and how often it scores >= gold / == 1 / == 0, over the tasks it applies to."""
+    rows: dict[str, dict] = {}
+    gold = {t.id: run_probe(t, "gold", protocol, config)[0].total for t in tasks}
+    for kind in PROBES:
+        pool = [t for t in tasks if "hack" not in kind or t.expected_returns.hack_path]
+        totals = {t.id: (gold[t.id] if kind == "gold" else run_probe(t, kind, protocol, config)[0].total) for t in pool}
+        calls = [t for t in pool if t.expected_returns.normal_path]
+        rows[kind] = {"tasks": len(pool), "mean": sum(totals.values()) / max(1, len(pool)),
+                      "full_reward": sum(v >= 1.0 - 1e-9 for v in totals.values()),
+                      "zero": sum(v == 0.0 for v in totals.values()),
+                      "not_below_gold_where_gold_calls_a_tool": sum(totals[t.id] >= gold[t.id] for t in calls)
+                      if kind != "gold" else 0}
+    return rows
+
+
+def format_table(rows: dict) -> str:
+    out = [f"{'probe':<24}{'tasks':>6}{'mean':>8}{'=1.0':>6}{'=0':>6}{'>=gold (gold calls a tool)':>28}"]
+    for k, r in rows.items():
+        out.append(f"{k:<24}{r['tasks']:>6}{r['mean']:>8.3f}{r['full_reward']:>6}{r['zero']:>6}"
+                   f"{r['not_below_gold_where_gold_calls_a_tool']:>28}")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    from agq_jax.envs.importers import load_demo_json, load_parquet
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="tool_use_demo.json or a 9-column parquet")
+    ap.add_argument("--protocol", default="plain", choices=reference.PROTOCOLS)
+    ap.add_argument("--gates", default="no_forbidden", help="comma-separated RewardConfig gates")
+    args = ap.parse_args(argv)
+    load = load_parquet if args.data.endswith(".parquet") else load_demo_json
+    tasks, issues = load(args.data)
+    rows = probe_table(tasks, args.protocol, RewardConfig(gates=tuple(g for g in args.gates.split(",") if g)))
+    print(format_table(rows))
+    print(json.dumps({"protocol": args.protocol, "gates": args.gates, "n_tasks": len(tasks),
+                      "import_issues": dict(Counter(("kept" if i.kept else "dropped") for i in issues)),
+                      "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
