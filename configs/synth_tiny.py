@@ -15,7 +15,8 @@ def agentic_defaults(**kw) -> ml_collections.ConfigDict:
         level=0,                     # procedural difficulty level (worlds.generator.Knobs)
         domains=(),                  # procedural domains; () = all
         persona_path="", num_personas=0, workflow_path="",
-        min_tools=3, max_tools=5, max_params=3, min_branch_types=3, max_branches_per_tree=5,
+        min_tools=3, max_tools=5, max_params=3, min_branch_types=3, max_branches_per_tree=6,
+        min_cases_per_side=3,        # an expanded tree holds >= this many legal and illegal cases (the reference: 3)
         validate_with_teacher=True, solver_role="solver",
         validation_user="scripted",  # scripted | teacher (mock_user role)
         validation_tools="expected",  # expected (pinned returns) | teacher (mock_tool role)

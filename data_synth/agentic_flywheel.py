@@ -18,7 +18,7 @@ from agq_jax.envs.schema import BehaviorTree, Task, canonical_json
 from agq_jax.envs.parsing import format_tool_call
 from data_synth import agentic_prompts as P
 from data_synth.agentic import (AdversaryOut, BlueprintOut, DraftOut, ExpandOut, FailureOut, assemble_task,
-                                branch_nodes, check_adversary, check_blueprint, check_draft, check_expanded,
+                                balanced_branches, check_adversary, check_blueprint, check_draft, check_expanded,
                                 graft_branch)
 from data_synth.io_utils import stable_hash
 from data_synth.stages import Rejected, StageContext, StageStats, run_stage
@@ -65,7 +65,8 @@ async def stage_blueprint(item: dict, ctx: StageContext, cfg) -> list[dict]:
 
 async def stage_expand(item: dict, ctx: StageContext, cfg) -> list[dict]:
     bp = BlueprintOut.model_validate(item["blueprint"])
-    system = P.EXPAND_SYSTEM.replace("<<MIN_TYPES>>", str(int(cfg.min_branch_types)))
+    system = (P.EXPAND_SYSTEM.replace("<<MIN_TYPES>>", str(int(cfg.min_branch_types)))
+              .replace("<<MIN_CASES>>", str(int(cfg.min_cases_per_side))))
     msgs = [{"role": "system", "content": system},
             {"role": "user", "content": json.dumps({"scenario": bp.scenario, "policy": bp.policy,
                                                     "tools": [t.model_dump() for t in bp.tools],
@@ -74,9 +75,9 @@ async def stage_expand(item: dict, ctx: StageContext, cfg) -> list[dict]:
                                                    ensure_ascii=False)}]
     out, _ = await ctx.ask_json("synthesizer", msgs, ExpandOut, prompt_name="agentic/expand",
                                 check=lambda e: check_expanded(bp.behavior_tree, e.behavior_tree, bp.tools,
-                                                               int(cfg.min_branch_types)))
+                                                               int(cfg.min_branch_types), int(cfg.min_cases_per_side)))
     tree = out.behavior_tree
-    nodes = branch_nodes(tree)[: int(cfg.max_branches_per_tree)]
+    nodes = balanced_branches(tree, int(cfg.max_branches_per_tree))
     base = {k: v for k, v in item.items() if k != "id"}
     base["tree"] = tree.model_dump(exclude_none=True)
     return [{**base, "id": f"{item['id']}/{n.id}", "node_id": n.id, "branch_type": n.branch_type} for n in nodes]
@@ -142,8 +143,8 @@ async def stage_failure(item: dict, ctx: StageContext, cfg, round_idx: int) -> l
     def check(f: FailureOut) -> None:
         bt = f.new_branch.get("branch_type") or "legal"
         check_draft(f.task, task.tools, bt)
-        if bt in ("refusal", "transfer") and not f.escape_strategy.steps:
-            raise ValueError("an illegal branch needs an escape strategy")
+        check_adversary(AdversaryOut(escape_strategy=f.escape_strategy, persuasion_facts=f.persuasion_facts), f.task,
+                        task.tools, legal=bt not in ("refusal", "transfer"))
         graft_branch(task.behavior_tree, f.parent_node_id, f.new_branch)
 
     f, _ = await ctx.ask_json("synthesizer", msgs, FailureOut, check=check, prompt_name="agentic/failure")

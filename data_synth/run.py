@@ -1,6 +1,7 @@
 """One synthesis round: `python -m data_synth.run --config=configs/synth_tiny.py --round=R [--failures=F.jsonl]`.
 
-Writes `runs/<name>/round_<r>/{agentic,reasoning}.jsonl` and `manifest.json` (counts per stage, rejection
+Writes `runs/<name>/round_<r>/{agentic,reasoning}.jsonl` (the agentic tasks also as `agentic.parquet` and
+`agentic_reference.json`, the release formats) and `manifest.json` (counts per stage, rejection
 reasons, teacher models + prompt hashes, lineage of every item), atomically. Stage checkpoints live in
 `round_<r>/stages/`, so a killed round resumes where it stopped; with the teacher response cache the same
 inputs give the same dataset. The trainer calls `run_round(config, round_idx, failures)`.
@@ -107,6 +108,7 @@ def run_round(config, round_idx: int, failures=None, client: TeacherClient | Non
             client.close()
     ap, rp = os.path.join(rdir, "agentic.jsonl"), os.path.join(rdir, "reasoning.jsonl")
     atomic_write_jsonl(ap, agentic)
+    export_release_formats(agentic, rdir)
     atomic_write_jsonl(rp, reasoning)
     atomic_write_jsonl(os.path.join(rdir, "rejections.jsonl"), rejections)
     reasons = collections.Counter(f"{r['stage']}:{r['reason']}" for r in rejections)
@@ -132,6 +134,17 @@ def run_round(config, round_idx: int, failures=None, client: TeacherClient | Non
     if config.progress:
         print(res.summary(), file=sys.stderr)
     return res
+
+
+def export_release_formats(agentic: list[dict], rdir: str) -> None:
+    """The round's agentic tasks also in the AgenticQwen release formats: the nine-column parquet (plus the full
+    task column) and the reference's JSON layout, which its own converter reads."""
+    from agq_jax.envs.importers import export_parquet, export_reference_json
+    from agq_jax.envs.schema import Task
+
+    tasks = [Task.model_validate(t) for t in agentic]
+    export_parquet(tasks, os.path.join(rdir, "agentic.parquet"))
+    export_reference_json(tasks, os.path.join(rdir, "agentic_reference.json"))
 
 
 def summary_table(stages: list[dict], top: list[tuple[str, int]], res: RoundResult | None = None) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agq_jax.envs import Task, replay_agent, run_episode, score
+from agq_jax.envs.importers import load_demo_json, load_parquet
 from data_synth.io_utils import read_jsonl
 from data_synth.loopback_teacher import MALFORMED_KINDS, LoopbackTeacher, start_loopback_teacher
 from data_synth.reasoning_problems import generate_seed_set
@@ -50,6 +51,11 @@ def test_a_teacher_round_with_every_synthesis_role(tmp_path):
         task = Task.model_validate(row)
         assert score(task, run_episode(task, replay_agent(task.gold_replies), user="scripted",
                                        tools="expected")).total == 1.0
+        assert not any(t.name in task.system_prompt for t in task.tools)   # declarative policy
+    # the round is also written in the release formats, and those rows import back
+    back, issues = load_demo_json(os.path.join(res.round_dir, "agentic_reference.json"))
+    assert len(back) == res.n_agentic and [i for i in issues if not i.kept] == []
+    assert len(load_parquet(os.path.join(res.round_dir, "agentic.parquet"))[0]) == res.n_agentic
 
 
 def test_malformed_replies_are_counted_and_the_round_survives(tmp_path):

@@ -182,22 +182,73 @@ def task_from_columns(cols: dict[str, Any], source: str = "parquet",
     return task
 
 
+NO_POLICY_TESTED = "This test case does not violate any policy"
+ADDITIONAL_HEADER = "Additional parameters you may need:"
+
+
+def release_background(task: Task) -> str:
+    """The task_background column of a non-imported task, in the release's layout: what the user knows, what
+    the user adds once persuasion succeeds, the additional parameters, and the instruction to reveal on request."""
+    p = task.user
+    known = p.background.strip()
+    facts = [f for f in p.hidden_facts if not f.persuasion and f.value and f.value not in known]
+    if facts:
+        known += "\n" + " ".join(f.reveal_text or f"My {f.description or f.key} is {f.value}." for f in facts)
+    hack = " ".join(f.reveal_text or f"{f.description or f.key}: {f.value}" for f in p.hidden_facts if f.persuasion)
+    extra = task.metadata.get("additional_parameters") or "No additional parameters needed."
+    return "\n\n".join(x for x in (known, hack, f"{ADDITIONAL_HEADER}\n{extra}",
+                                     "Reveal them only when the agent asks you. Do not disclose them on your own.") if x)
+
+
 def columns_from_task(task: Task) -> dict[str, str]:
-    """The nine string columns of a task (inverse of `task_from_columns` for imported tasks)."""
-    from agq_jax.envs.runtime import system_message
+    """The nine string columns of a task. Imported tasks come back as they were read; every other task is
+    written the way the release is: policy in <policy> tags with the requirements block before the tools,
+    the user note in the opening, the background layout of `release_background`, so the reference's own
+    converter reads our rows."""
+    from agq_jax.envs import reference
+    from agq_jax.envs.runtime import system_message, tools_block
 
     raw = task.metadata.get("parquet_raw", {})
-    system = system_message(task, embed_tools=True)
-    messages = json.dumps([{"role": "system", "content": system}, {"role": "user", "content": task.user_opening}],
+    imported_row = task.lineage.method == "imported"
+    system = system_message(task, embed_tools=True) if imported_row else reference.policy_block(task) + tools_block(task)
+    user = task.user_opening if imported_row else reference.render_opening(task)
+    messages = json.dumps([{"role": "system", "content": system}, {"role": "user", "content": user}],
                           ensure_ascii=False)
-    expected = json.dumps(task.expected_returns.model_dump(), ensure_ascii=False)
+    er = task.expected_returns
+    if not imported_row and task.branch.legal:   # the release gives a hack path only to illegal requests
+        er = er.model_copy(update={"hack_path": []})
+    expected = json.dumps(er.model_dump(), ensure_ascii=False)
     if "tool_return_expected_json" in raw and canonical_json(json.loads(raw["tool_return_expected_json"])) == \
             canonical_json(task.expected_returns.model_dump()):
         expected = raw["tool_return_expected_json"]
-    return {"id": task.id, "system": system, "user": task.user_opening,
-            "messages_json": raw.get("messages_json", messages), "task_background": task.user.background,
-            "user_escape_strategy": task.user.escape.text, "test_policy": task.test_policy,
-            "tool_return_expected_json": expected, "rubrics": task.rubric.text}
+    if imported_row:
+        background, escape, rubric = task.user.background, task.user.escape.text, task.rubric.text
+    else:
+        background = release_background(task)
+        escape = (task.user.escape.text or " Then ".join(x.text for x in task.user.escape.steps)
+                  or NO_POLICY_TESTED)
+        rubric = task.rubric.text or "; ".join(g.description or g.id for g in task.rubric.sub_goals)
+    return {"id": task.id, "system": system, "user": user,
+            "messages_json": raw.get("messages_json", messages), "task_background": background,
+            "user_escape_strategy": escape, "test_policy": task.test_policy or NO_POLICY_TESTED,
+            "tool_return_expected_json": expected, "rubrics": rubric}
+
+
+def reference_record(task: Task) -> dict:
+    """One record of the reference's JSON layout (tool_use_demo.json), which its converter reads."""
+    c = columns_from_task(task)
+    return {"id": c["id"], "prompt": json.loads(c["messages_json"]), "task_background": c["task_background"],
+            "rubrics": c["rubrics"], "test_policy": c["test_policy"], "user_escape_strategy": c["user_escape_strategy"],
+            "tool_return_expected": json.loads(c["tool_return_expected_json"])}
+
+
+def export_reference_json(tasks: list[Task], path: str) -> None:
+    """Tasks as a JSON list in the reference's layout, written atomically."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump([reference_record(t) for t in tasks], f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ loaders
