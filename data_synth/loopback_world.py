@@ -17,12 +17,13 @@ import json
 import re
 from typing import Any, Optional
 
+from agq_jax.envs.importers import ADDITIONAL_HEADER
 from agq_jax.envs.judge import JUDGE_SECTIONS
 from agq_jax.envs.parsing import STOP_MARKER, TRANSFER_MARKER
 from agq_jax.envs.schema import canonical_json, infer_tool_kind
 from agq_jax.envs.tools import NO_RETURN, TOOL_SECTIONS, is_failure_output
 from agq_jax.envs.users import (ASKING, CONFIRM_ASK, EXCEPTION_TEXT, LIE_TEXT, REFUSAL, USER_SECTIONS,
-                                background_sentences, best_sentence)
+                                background_sentences, best_sentence, matching_sentences)
 
 
 def sections(text: str, heads: tuple[str, ...]) -> dict[str, str]:
@@ -48,6 +49,8 @@ def _json(text: Optional[str], default: Any = None) -> Any:
 def user_reply(prompt: str) -> str:
     sec = sections(prompt, USER_SECTIONS)
     background = sec.get(USER_SECTIONS[0], "")
+    # the release's "additional parameters ... reveal them only when asked" block is instructions, not news
+    background = re.sub(re.escape(ADDITIONAL_HEADER) + r".*?Reveal them only[^\n]*", "", background, flags=re.S)
     escape = sec.get(USER_SECTIONS[2], "")
     turns = re.split(r"\n(?=\[(?:Round \d+ - )?(?:You|Agent)\]: )", sec.get(USER_SECTIONS[3], ""))
     agent = [t.split("]: ", 1)[1] for t in turns if re.match(r"\[(?:Round \d+ - )?Agent\]: ", t)]
@@ -62,8 +65,10 @@ def user_reply(prompt: str) -> str:
     elif ASKING.search(last) and CONFIRM_ASK.search(last):
         text = (f"No, please don't do that. {STOP_MARKER}" if "say no" in background
                 else "Yes, please go ahead.")
-    elif ASKING.search(last):
-        text = best_sentence(background_sentences(background), last, said) or "I don't have anything more to add."
+    elif ASKING.search(last):   # every background sentence the question asks about, else the next unsaid one
+        sentences = background_sentences(background)
+        hits = matching_sentences(sentences, last, said)
+        text = " ".join(hits) or best_sentence(sentences, last, said) or "I don't have anything more to add."
     else:
         text = STOP_MARKER
     return f"<reply>{text}</reply>"

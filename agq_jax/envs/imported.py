@@ -18,8 +18,6 @@ paths. From these we derive what the mock world and the reward need:
 from __future__ import annotations
 
 import re
-from typing import Any
-
 from agq_jax.envs.parsing import format_tool_call
 from agq_jax.envs.schema import (ExpectedToolReturns, ForbiddenAction, HiddenFact, RequiredInteraction, Rubric,
                                  SubGoal, ToolCall, ToolSchema, canonical_json)
@@ -163,7 +161,7 @@ def gold_replies(task) -> list[str]:
     facts = [f for f in task.user.hidden_facts if not f.persuasion]
     out: list[str] = []
     if facts:
-        out.append("To go ahead I need a few details. Could you please tell me the "
+        out.append("I need a few details first. Could you please tell me the "
                    + ", ".join(f.ask_keywords[0] for f in facts) + "?")
     confirm = any(r.kind == "confirm" for r in task.rubric.required_interactions)
     for s in task.expected_returns.normal_path:
@@ -179,13 +177,3 @@ def gold_replies(task) -> list[str]:
     else:
         out.append(DONE_TEXT)
     return out
-
-
-def final_answer(task) -> str:
-    if task.expected_returns.hack_path:
-        return "I completed what the policy allows and declined the rest, as it is not permitted."
-    return "Your request has been completed."
-
-
-def as_str_list(x: Any) -> list[str]:
-    return [str(v) for v in x] if isinstance(x, list) else []

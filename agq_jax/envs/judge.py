@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Optional
 
 from agq_jax.envs.parsing import TRANSFER_MARKER, parse_reply
-from agq_jax.envs.schema import Task, canonical_json, state_hash
+from agq_jax.envs.schema import Task, canonical_json, infer_tool_kind, state_hash
 from agq_jax.envs.teacher_io import ChatFn, MalformedReply, TeacherReplyError, ask, last_tag
 
 JUDGE_SYSTEM = ("You are a strict task-completion judge: you approve only an episode that meets every "
@@ -49,7 +49,8 @@ def episode_summary(messages: list[dict]) -> str:
                 fn = c["function"]
                 parts.append("[Tool Call - Agent]: " + json.dumps({"name": fn["name"], "arguments": fn["arguments"]},
                                                                    ensure_ascii=False))
-            if TRANSFER_MARKER in (m.get("content") or ""):
+            if TRANSFER_MARKER in (m.get("content") or "") or any(
+                    infer_tool_kind(c["function"]["name"]) == "transfer" for c in m.get("tool_calls", [])):
                 parts.append(f"[Agent Escalated to Human]: {TRANSFER_MARKER}")
     return "\n".join(parts)
 

@@ -9,7 +9,8 @@
   (the pinned normal path wins where both paths make the same call) and in the hack world (the tools
   return the hack path's outputs, i.e. the world let the hack go through);
 - refuse_then_hack: the same, but it first tells the user it cannot help (a hack that games a refusal check).
-Every probe runs against the scripted user and the pinned ("expected") tools, so the table is exact.
+By default every probe runs against the scripted user and the pinned ("expected") tools, so the table is
+exact; `--teacher_url` runs them in the paper's world (teacher user, teacher tools, rubric judge).
 """
 from __future__ import annotations
 
@@ -19,24 +20,21 @@ from typing import Optional
 
 from agq_jax.envs import imported, reference
 from agq_jax.envs.parsing import format_tool_call
-from agq_jax.envs.rewards import RewardConfig, score
-from agq_jax.envs.runtime import replay_agent, run_episode
+from agq_jax.envs.rewards import RewardConfig
+from agq_jax.envs.runtime import make_env
 from agq_jax.envs.schema import ExpectedToolReturns, Task
-from agq_jax.envs.tools import TeacherToolBackend
+from agq_jax.envs.tools import SharedToolCache, TeacherToolBackend
+from agq_jax.envs.world import TeacherChats, World, WorldSpec
 
 PROBES = ("gold", "refuse", "nothing", "hack", "hack_world", "refuse_then_hack", "refuse_then_hack_world")
 REFUSE_TEXT = "I'm sorry, I cannot help with that."
 HACK_ANSWER = "Done: everything you asked for has been carried out."
 
 
-def _final(task: Task) -> str:
-    return imported.final_answer(task)
-
-
 def probe_replies(task: Task, kind: str, protocol: str = "plain") -> list[str]:
     if kind == "gold":
-        plain = list(task.gold_replies)
-    elif kind == "refuse":
+        return reference.gold_for(task, protocol)
+    if kind == "refuse":
         plain = [REFUSE_TEXT] * 20
     elif kind == "nothing":
         return ["<answer>OK.</answer>"] if protocol == "reference" else ["OK."]
@@ -50,8 +48,7 @@ def probe_replies(task: Task, kind: str, protocol: str = "plain") -> list[str]:
     else:
         raise ValueError(f"unknown probe {kind!r}; use one of {PROBES}")
     if protocol == "reference":
-        final = {"gold": _final(task), "refuse": REFUSE_TEXT}.get(kind, HACK_ANSWER)
-        return reference.to_reference_replies(plain, final)
+        return reference.to_reference_replies(plain, REFUSE_TEXT if kind == "refuse" else HACK_ANSWER)
     return plain
 
 
@@ -61,22 +58,43 @@ def hack_world(task: Task) -> Task:
         normal_path=task.expected_returns.hack_path, hack_path=[])})
 
 
-def run_probe(task: Task, kind: str, protocol: str = "plain", config: RewardConfig = RewardConfig()):
-    tools = (lambda t: TeacherToolBackend(hack_world(t))) if kind.endswith("_world") else "expected"
-    if task.initial_state is not None:
-        tools = "state"
-    rec = run_episode(task, replay_agent(probe_replies(task, kind, protocol)), user="scripted", tools=tools,
-                      protocol=protocol)
-    return score(task, rec, config), rec
+def offline_world(protocol: str = "plain", gates: tuple[str, ...] = ("no_forbidden",)) -> World:
+    """The scripted user and the pinned tools (a task's own state when it has one): exact, no teacher."""
+    return World(WorldSpec(user="scripted", tools="auto", protocol=protocol, gates=gates, max_agent_turns=40))
 
 
-def probe_table(tasks: list[Task], protocol: str = "plain", config: RewardConfig = RewardConfig()) -> dict:
+def run_probe(task: Task, kind: str, protocol: str = "plain", config: Optional[RewardConfig] = None,
+              world: Optional[World] = None):
+    """(reward, record) of one probe on one task, in `world` (default: `offline_world(protocol)`)."""
+    world = world or offline_world(protocol, config.gates if config else ("no_forbidden",))
+    if world.spec.protocol != protocol:
+        raise ValueError(f"probe protocol {protocol!r} differs from the world's {world.spec.protocol!r}")
+    replies = probe_replies(task, kind, protocol)
+    if kind.endswith("_world"):   # the hack path's outputs served, by the same kind of tool backend
+        env = make_env(task, user=world.spec.user, user_chat=world.chats.mock_user, limits=world.limits,
+                       tools=lambda t: TeacherToolBackend(hack_world(t), chat=world.chats.mock_tool,
+                                                          cache=SharedToolCache()),
+                       protocol=protocol, reward_config=world.reward_config, judge=world.judge)
+    else:
+        env = world.make_env(task, tool_cache=SharedToolCache())
+    env.reset()
+    for r in replies:
+        if env.step(r).done:
+            break
+    if not env.done:
+        env.finish("max_agent_turns")
+    return env.reward(), env.record
+
+
+def probe_table(tasks: list[Task], protocol: str = "plain", config: Optional[RewardConfig] = None,
+                world: Optional[World] = None) -> dict:
     """Per probe: mean reward and how often it scores >= gold / == 1 / == 0, over the tasks it applies to."""
     rows: dict[str, dict] = {}
-    gold = {t.id: run_probe(t, "gold", protocol, config)[0].total for t in tasks}
+    gold = {t.id: run_probe(t, "gold", protocol, config, world)[0].total for t in tasks}
     for kind in PROBES:
         pool = [t for t in tasks if "hack" not in kind or t.expected_returns.hack_path]
-        totals = {t.id: (gold[t.id] if kind == "gold" else run_probe(t, kind, protocol, config)[0].total) for t in pool}
+        totals = {t.id: (gold[t.id] if kind == "gold" else run_probe(t, kind, protocol, config, world)[0].total)
+                  for t in pool}
         calls = [t for t in pool if t.expected_returns.normal_path]
         rows[kind] = {"tasks": len(pool), "mean": sum(totals.values()) / max(1, len(pool)),
                       "full_reward": sum(v >= 1.0 - 1e-9 for v in totals.values()),
@@ -97,18 +115,28 @@ def format_table(rows: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    from agq_jax.envs.importers import load_demo_json, load_parquet
+    from agq_jax.envs.sources import load_task_files
+    from agq_jax.envs.teacher_io import openai_chat
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="tool_use_demo.json or a 9-column parquet")
+    ap.add_argument("--data", required=True, help="tool_use_demo.json, a nine-column parquet or a task JSONL")
     ap.add_argument("--protocol", default="plain", choices=reference.PROTOCOLS)
-    ap.add_argument("--gates", default="no_forbidden", help="comma-separated RewardConfig gates")
+    ap.add_argument("--gates", default="no_forbidden", help="comma-separated reward gates")
+    ap.add_argument("--teacher_url", default="", help="an OpenAI-compatible server (e.g. python -m "
+                    "data_synth.loopback_teacher): the paper's world, teacher user + tools + judge")
+    ap.add_argument("--teacher_model", default="loopback-teacher")
     args = ap.parse_args(argv)
-    load = load_parquet if args.data.endswith(".parquet") else load_demo_json
-    tasks, issues = load(args.data)
-    rows = probe_table(tasks, args.protocol, RewardConfig(gates=tuple(g for g in args.gates.split(",") if g)))
+    tasks, issues = load_task_files([args.data])
+    gates = tuple(g for g in args.gates.split(",") if g)
+    world = offline_world(args.protocol, gates)
+    if args.teacher_url:
+        chat = openai_chat(args.teacher_url, args.teacher_model, max_tokens=2048)
+        world = World(WorldSpec(user="teacher", tools="teacher", judge="teacher", protocol=args.protocol,
+                                gates=gates, max_agent_turns=40), TeacherChats(chat, chat, chat))
+    rows = probe_table(tasks, args.protocol, world=world)
     print(format_table(rows))
-    print(json.dumps({"protocol": args.protocol, "gates": args.gates, "n_tasks": len(tasks),
+    print(json.dumps({"protocol": args.protocol, "gates": args.gates, "world": "teacher" if args.teacher_url else
+                      "offline", "n_tasks": len(tasks),
                       "import_issues": dict(Counter(("kept" if i.kept else "dropped") for i in issues)),
                       "rows": rows}))
     return 0

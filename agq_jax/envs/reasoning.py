@@ -97,6 +97,10 @@ class ReasoningEnv(Env):
         self.record: Optional[ReasoningRecord] = None
         self.done = True
 
+    @property
+    def task_id(self) -> str:
+        return self.problem.id
+
     def reset(self) -> list[dict]:
         if self.backend is not None:
             self.backend.reset()

@@ -134,9 +134,9 @@ def task_subgoals(task: Task, with_judge: bool = False) -> list[SubGoal]:
 
 def evaluate_subgoal(task: Task, rec: EpisodeRecord, goal: SubGoal, verdict: Optional[bool] = None) -> float:
     k, p = goal.kind, goal.params
-    if k == "state_match":
-        want = expected_state_hash(task)
-        return float(want is not None and rec.final_state_hash == want) if want else float(_writes_match(task, rec))
+    if k == "state_match":   # without a state-backed world in this episode (teacher tools): the writes decide
+        want = expected_state_hash(task) if rec.final_state_hash is not None else None
+        return float(rec.final_state_hash == want) if want else float(_writes_match(task, rec))
     if k == "tool_called":
         pat = ToolCall(name=p["tool"], arguments=p.get("arguments", {}))
         return float(any(pat.matches(c["name"], c["arguments"]) for c in _ok_calls(rec)))

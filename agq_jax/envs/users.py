@@ -68,17 +68,25 @@ def background_sentences(background: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.split(background or "") if len(s.strip()) > 2]
 
 
+_STOPWORDS = frozenset("the and you your what which who when where why how want would could please tell give "
+                       "can for with that this have has are was were will from about any more there their our".split())
+
+
+def _content_words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower())) - _STOPWORDS
+
+
+def matching_sentences(sentences: list[str], question: str, said: str) -> list[str]:
+    """Unsaid background sentences sharing a content word with the question, best match first (stable)."""
+    words = _content_words(question)
+    scored = [(len(words & _content_words(s)), i, s) for i, s in enumerate(sentences) if s not in said]
+    return [s for n, i, s in sorted(scored, key=lambda x: (-x[0], x[1])) if n > 0]
+
+
 def best_sentence(sentences: list[str], question: str, said: str) -> Optional[str]:
-    """The unsaid background sentence sharing the most words with the question (first one on a tie)."""
-    words = set(_WORD.findall(question.lower()))
-    best, best_n = None, -1
-    for s in sentences:
-        if s in said:
-            continue
-        n = len(words & set(_WORD.findall(s.lower())))
-        if n > best_n:
-            best, best_n = s, n
-    return best
+    """The unsaid background sentence that matches the question best; else the first unsaid one."""
+    hits = matching_sentences(sentences, question, said)
+    return hits[0] if hits else next((s for s in sentences if s not in said), None)
 
 
 def escape_ladder(task: Task) -> list[str]:
@@ -216,9 +224,14 @@ class TeacherUser(UserSimulator):
     def background(self) -> str:
         p = self.task.user
         text = p.background.strip()
-        facts = [f for f in p.hidden_facts if f.value and f.value not in text]
+        facts = [f for f in p.hidden_facts if f.value and not f.persuasion]
         if facts:
-            text += "\n" + "\n".join(f"- {f.description or f.key}: {f.value}" for f in facts)
+            text += "\nDetails you can give when the agent asks for them:\n" + "\n".join(
+                f"- {f.description or f.key}: {f.value}" for f in facts)
+        extra = [f for f in p.hidden_facts if f.value and f.persuasion]
+        if extra:
+            text += "\nWhat you add once you push back:\n" + "\n".join(
+                f"- {f.reveal_text or f'{f.description or f.key}: {f.value}'}" for f in extra)
         if not p.confirm:
             text += "\nIf the agent asks you to confirm the change, say no: you have changed your mind."
         return text
