@@ -90,11 +90,6 @@ class Layout(NamedTuple):
     micro_batch_size: int
     note: str = ""
 
-    @property
-    def attention_impl(self) -> str:
-        # auto: cuDNN flash attention on GPU for bf16/fp16 shapes it supports (XLA otherwise); XLA on TPU.
-        return "auto" if HARDWARE[self.hardware].kind == "gpu" else "xla"
-
 
 def mesh_shape(layout: Layout, devices: int | None = None) -> dict[str, int]:
     """The layout's mesh with -1 resolved against `devices` (default: the layout's own device count)."""
@@ -133,7 +128,7 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.model.dtype = "bfloat16"          # compute
     c.model.param_dtype = "float32"     # master weights and AdamW moments (lr 1e-6 updates vanish in bf16)
     c.model.remat = "full"              # 14k-token rows: keep only each layer's input
-    c.model.attention_impl = lay.attention_impl
+    c.model.attention_impl = "auto"     # splash attention on TPU, cuDNN flash attention on GPU (bf16)
     c.model.moe_impl = "auto"           # megablox grouped matmuls on TPU, ragged_dot on GPU
     c.tokenizer.kind = "qwen3"
     c.tokenizer.vocab_size = 0

@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         dtype="float32",            # compute dtype ("bfloat16" on GPU / TPU)
         param_dtype="float32",      # master weights + optimizer state dtype
         remat="none",               # none | full | dots
-        attention_impl="xla",       # xla | auto (CPU: blocked training + KV-cache attention; GPU: cuDNN for bf16) | cudnn | blocked
+        attention_impl="xla",       # xla | auto (CPU: blocked training + KV-cache attention; GPU: cuDNN for bf16; TPU: splash) | cudnn | blocked | splash
         moe_impl="auto",            # auto (tiled on CPU, megablox on TPU, ragged on GPU) | ragged (ragged_dot) | tiled | megablox | dense (oracle)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(

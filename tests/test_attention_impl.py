@@ -2,8 +2,10 @@
 
 Blocked causal attention = jax's XLA attention (fp32) with left/right padding, GQA, lengths that are not a
 multiple of the block; "auto"/"blocked" resolve to it only for the no-cache causal forward, and a whole
-model gives the same logits and gradients either way. Gathered MoE experts (the few-token decode path of
+model gives the same logits and gradients either way. Splash attention (TPU, Pallas interpret mode here) = the
+same oracle on real rows, also sharded over a mesh. Gathered MoE experts (the few-token decode path of
 moe_impl="tiled") = the dense all-experts oracle, and a tiled MoE model decodes to its own full forward."""
+import contextlib
 import dataclasses
 
 import jax
@@ -67,18 +69,49 @@ def test_resolution_rules():
     assert r("auto", 256, 256, True, dtype=jnp.float32, **gpu) == "xla"     # cuDNN flash needs bf16 / fp16
     assert r("auto", 255, 255, True, dtype=jnp.bfloat16, **gpu) == "xla"    # odd length with a mask bias
     assert r("auto", 256, 256, True, dtype=jnp.bfloat16, backend="gpu", head_dim=160) == "xla"
-    assert r("auto", 256, 256, True, dtype=jnp.bfloat16, backend="tpu", head_dim=128) == "xla"
+    assert r("auto", 256, 256, True, dtype=jnp.bfloat16, backend="tpu", head_dim=128) == "splash"
+    assert r("auto", 1, 256, False, dtype=jnp.bfloat16, backend="tpu", head_dim=128) == "xla"   # decode
+    assert r("splash", 8, 64, causal=False) == "xla" and r("splash", 64, 64, causal=True) == "splash"
     assert r("blocked", 4, 64, causal=False) == "xla"            # KV-cache prefill / decode fall back
     assert r("blocked", 64, 64, causal=False) == "xla"           # a non-causal mask is never block-skipped
     assert r("xla", long, long, causal=True) == "xla"
     c = attention.resolve_cache_attention_impl  # with a KV cache
     assert c("auto") == c("blocked") == "blocked" and c("xla") == "buffer"
     assert c("auto", backend="gpu") == c("blocked", backend="tpu") == c("cudnn", backend="gpu") == "buffer"
+    assert c("auto", backend="tpu") == c("splash") == "buffer"
     with pytest.raises(ValueError, match="attention impl='flash'"):
         r("flash", 8, 8, causal=True)
     q = jnp.zeros((1, 8, 2, 4))
     with pytest.raises(ValueError, match="square causal mask"):
         attention.blocked_causal_attention(q, q[:, :4], q[:, :4], jnp.ones((1, 1, 8, 4), bool), 0.5)
+
+
+# (T, heads, kv heads, mesh): T not a multiple of 128 (padded inside), two query / key blocks with the heads split
+# over tensor (GQA groups stay whole), and one kv head that tensor does not divide (repeated to the query heads).
+@pytest.mark.parametrize("t,n,kv,mesh_shape", [(45, 4, 2, None), (130, 6, 2, (2, 2)), (64, 4, 1, (2, 2))])
+def test_splash_matches_xla_on_real_rows_values_and_grads(t, n, kv, mesh_shape):
+    """Splash attention (the TPU kernel, Pallas interpret mode here) = the XLA oracle on every real query row
+    with left / right padding and GQA, and so are the gradients of a loss over real rows. Padding query rows
+    differ by design (they attend to padding keys, see splash_causal_attention)."""
+    from agq_jax.models import sharding
+
+    q, k, v, valid, cot = _inputs(4, t, n, kv, 16, seed=t)
+    mask = _causal_mask(valid)
+    cot = cot * valid[:, :, None, None]
+    ref = lambda q, k, v, m: attention.attention(q, k, v, m, 0.25, "xla", causal=True)  # noqa: E731
+    spl = lambda q, k, v, m: attention.attention(q, k, v, m, 0.25, "splash", causal=True)  # noqa: E731
+    (val_r, g_r), out_r = _loss(ref, cot)(q, k, v, mask), jax.jit(ref)(q, k, v, mask)
+    ctx = contextlib.nullcontext()
+    if mesh_shape:
+        ctx = jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=mesh_shape[0], tensor=mesh_shape[1],
+                                                                  expert=1), jax.devices()[:4]))
+    with ctx:
+        (val_s, g_s), out_s = _loss(spl, cot)(q, k, v, mask), jax.jit(spl)(q, k, v, mask)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(out_s)[real], np.asarray(out_r)[real], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(val_s, val_r, atol=TOL * float(jnp.sum(jnp.abs(out_r * cot))))
+    for name, a, b in zip("qkv", g_s, g_r):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL, err_msg=f"d/d{name}")
 
 
 # (cache slots S, kv_len bound, query rows T): S a block multiple with NaN beyond the visited blocks (proves they
@@ -109,13 +142,15 @@ def test_cached_blocked_attention_matches_xla(s, kv_len, t):
 def models():
     cfg = qwen3.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
-    ref = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
-    auto = qwen3.Qwen3ForCausalLM(dataclasses.replace(cfg, attention_impl="auto"), rngs=nnx.Rngs(0))
-    return ref, auto
+    return {impl: qwen3.Qwen3ForCausalLM(dataclasses.replace(cfg, attention_impl=impl), rngs=nnx.Rngs(0))
+            for impl in ("xla", "auto", "splash")}
 
 
-def test_model_auto_equals_xla_forward_grads_and_cache(models):
-    ref, auto = models
+@pytest.mark.parametrize("impl", ["auto", "splash"])
+def test_model_impl_equals_xla_forward_grads_and_cache(models, impl):
+    """A whole model with attention_impl auto (= blocked on CPU) or splash (the TPU kernel, interpreted) against
+    xla: the same loss over real positions and the same gradients; with a KV cache both fall back to XLA."""
+    ref, auto = models["xla"], models[impl]
     t = 2 * attention.ATTENTION_BLOCK + 9
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, 128, (3, t)), jnp.int32)

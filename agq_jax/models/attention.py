@@ -1,19 +1,24 @@
 """Attention kernels behind one entry point, `attention`, and the KV-cache variant `cache_attention`.
 
 `models/qwen3.py` calls these; which kernel runs is chosen here from the config's `attention_impl` and the
-backend: XLA's attention (the oracle), cuDNN flash attention on GPU, and blocked kernels tuned for CPU.
+backend: XLA's attention (the oracle), cuDNN flash attention on GPU, Pallas splash attention on TPU, and
+blocked kernels tuned for CPU.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from agq_jax.models.config import ATTENTION_IMPLS
+from agq_jax.models.sharding import MESH_AXES, logical_to_pspec, target_platform
 
 __all__ = ["attention", "cache_attention", "write_layer", "resolve_attention_impl", "resolve_cache_attention_impl",
-           "blocked_causal_attention", "cached_blocked_attention", "ATTENTION_BLOCK", "ATTENTION_SEGMENTS",
-           "AUTO_BLOCKED_MIN_BLOCKS", "CACHE_KEY_BLOCK"]
+           "blocked_causal_attention", "cached_blocked_attention", "splash_causal_attention", "ATTENTION_BLOCK",
+           "ATTENTION_SEGMENTS", "AUTO_BLOCKED_MIN_BLOCKS", "CACHE_KEY_BLOCK", "SPLASH_BLOCK"]
 
 
 # Blocked causal attention, tuned on a 2-core x86 CPU (docs/performance.md): 64-row query blocks keep each
@@ -24,29 +29,35 @@ ATTENTION_SEGMENTS = 4
 # "auto" uses the blocked path on CPU once a training sequence spans at least this many blocks.
 AUTO_BLOCKED_MIN_BLOCKS = 2
 CACHE_KEY_BLOCK = 128  # key slots per step of `cached_blocked_attention`
+# Splash attention's query / key block (forward and both backward kernels) on TPU; shorter rows use the
+# smallest multiple of 128 that holds them.
+SPLASH_BLOCK = 512
 
 
 def resolve_attention_impl(impl: str, q_len: int, kv_len: int, causal: bool, *, dtype=None, head_dim: int = 0,
                            backend: str | None = None) -> str:
     """The implementation `attention` runs.
 
-    "auto": on CPU a causal no-cache sequence of >= 2 blocks -> "blocked"; on GPU with bf16/fp16 q, head_dim
-    <= 128 and a multiple of 8, even lengths (cuDNN's limits with a mask-derived bias) -> "cudnn"; else "xla".
-    (jax.nn.dot_product_attention(implementation=None) itself always runs XLA in this jax version.)
-    "blocked" without a causal square mask (KV-cache prefill / decode) -> "xla"."""
+    "auto": on CPU a causal no-cache sequence of >= 2 blocks -> "blocked"; on TPU a causal no-cache sequence
+    -> "splash"; on GPU with bf16/fp16 q, head_dim <= 128 and a multiple of 8, even lengths (cuDNN's limits
+    with a mask-derived bias) -> "cudnn"; else "xla". (jax.nn.dot_product_attention(implementation=None)
+    itself always runs XLA in this jax version.) "blocked" / "splash" without a causal square mask (KV-cache
+    prefill / decode) -> "xla". `backend` defaults to the platform the program is traced for."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r}; expected one of {ATTENTION_IMPLS}")
     square = causal and q_len == kv_len
     if impl == "auto":
-        backend = backend or jax.default_backend()
+        backend = backend or target_platform()
         if backend == "cpu" and square and q_len >= AUTO_BLOCKED_MIN_BLOCKS * ATTENTION_BLOCK:
             return "blocked"
+        if backend == "tpu" and square:
+            return "splash"
         half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         if backend == "gpu" and half and 0 < head_dim <= 128 and head_dim % 8 == 0 and q_len % 2 == 0 \
                 and kv_len % 2 == 0:
             return "cudnn"
         return "xla"
-    if impl == "blocked" and not square:
+    if impl in ("blocked", "splash") and not square:
         return "xla"
     return impl
 
@@ -54,7 +65,7 @@ def resolve_attention_impl(impl: str, q_len: int, kv_len: int, causal: bool, *, 
 def resolve_cache_attention_impl(impl: str, backend: str | None = None) -> str:
     """With a KV cache (sampler prefill / decode): "blocked" (`cached_blocked_attention`) for "auto" /
     "blocked" on CPU, else "buffer": `attention(impl)` over the layer's whole cache buffer (XLA / cuDNN)."""
-    if impl in ("auto", "blocked") and (backend or jax.default_backend()) == "cpu":
+    if impl in ("auto", "blocked") and (backend or target_platform()) == "cpu":
         return "blocked"
     return "buffer"
 
@@ -62,17 +73,80 @@ def resolve_cache_attention_impl(impl: str, backend: str | None = None) -> str:
 def attention(q, k, v, mask, scale: float, impl: str = "xla", causal: bool = False):
     """The one attention entry point: q [B,T,N,D], k/v [B,S,K,D] (GQA), mask [B,1,T,S] bool -> [B,T,N,D].
 
-    `causal=True` promises mask[..., t, s] is False for s > t with S == T (the no-cache forward): "blocked"
-    then skips key blocks and cuDNN gets its causal mask type on top of the mask. impl: "xla" (jax's XLA
-    attention), "cudnn" (cuDNN flash attention, GPU, bf16/fp16), "blocked" (below), "auto" (see
+    `causal=True` promises S == T and mask[b, 0, t, s] = (s <= t) & key_valid[b, s] (the no-cache forward):
+    "blocked" then skips key blocks, cuDNN gets its causal mask type on top of the mask and splash reads the
+    key validity off the mask's last row. impl: "xla" (jax's XLA attention), "cudnn" (cuDNN flash attention,
+    GPU, bf16/fp16), "splash" (Pallas splash attention, TPU), "blocked" (below), "auto" (see
     `resolve_attention_impl`)."""
     impl = resolve_attention_impl(impl, q.shape[1], k.shape[1], causal, dtype=q.dtype, head_dim=q.shape[-1])
     if impl == "blocked":
         return blocked_causal_attention(q, k, v, mask, scale)
+    if impl == "splash":
+        return splash_causal_attention(q, k, v, mask[:, 0, -1, :], scale)
     if impl == "cudnn":
         square = causal and q.shape[1] == k.shape[1]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=square, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def _splash_kernel(t: int, group: int, block: int, interpret: bool):
+    """A splash MQA kernel for `group` query heads sharing one key/value head over a causal [t, t] mask (built
+    per trace: its block tables become arrays of the program being traced)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, valid, scale: float, interpret: bool):
+    """One device's rows and heads: q [B,T,N,D], k/v [B,T,K,D], valid [B,T] -> [B,T,N,D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    block = min(SPLASH_BLOCK, -(-t // 128) * 128)
+    pad = -t % block
+    if pad:  # padded positions are padding: segment 0, like the row's own padding
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    kernel = _splash_kernel(t + pad, n // kv_heads, block, interpret)
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t + pad, kv_heads, n // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    seg = valid.astype(jnp.int32)
+
+    def row(q_r, k_r, v_r, s_r):  # [K, G, T, D], [K, T, D], [K, T, D], [T]
+        return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=SegmentIds(s_r, s_r)))(q_r, k_r, v_r)
+
+    out = jax.vmap(row)(qh, kh, vh, seg)  # [B, K, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t + pad, n, d)[:, :t]
+
+
+def splash_causal_attention(q, k, v, key_valid, scale: float):
+    """Causal attention with key padding on Pallas splash attention (TPU; interpret mode elsewhere, tests):
+    the [B, N, T, T] scores are never materialised, and fully masked key blocks are skipped.
+
+    q [B,T,N,D], k/v [B,T,K,D] (GQA: each key/value head serves its query group through one MQA kernel),
+    key_valid [B,T] bool. The padding mask becomes segment ids (1 real, 0 padding), so a real query sees
+    the real keys at or before it, exactly as the XLA path; a padding query sees the padding keys before it
+    instead of the XLA path's uniform average, and no real position ever reads a padding one. Under a mesh
+    the kernel runs in `shard_map` with the batch and heads split like the activations (heads over tensor;
+    key/value heads are repeated to the query heads when tensor does not divide them)."""
+    interpret = target_platform() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return _splash_local(q, k, v, key_valid, scale, interpret)
+    q_spec = logical_to_pspec(("batch", "seq", "act_heads", "head_dim"), q.shape, mesh)
+    kv_spec = logical_to_pspec(("batch", "seq", "act_kv_heads", "head_dim"), k.shape, mesh)
+    if q_spec[2] != kv_spec[2]:
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        kv_spec = q_spec
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, key_valid)
 
 
 def _attention_block(q, k, v, mask, scale):

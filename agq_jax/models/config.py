@@ -10,7 +10,7 @@ from typing import Any
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto", "blocked")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "blocked", "splash")
 MOE_IMPLS = ("ragged", "tiled", "megablox", "dense", "auto")
 
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
