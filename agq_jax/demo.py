@@ -11,7 +11,6 @@ start over), AGQ_DEMO_SMALL=1 shrinks every phase to a few steps (tests / notebo
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import sys
@@ -21,20 +20,21 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(path: str | os.PathLike = ROOT / "configs" / "tiny.py"):
-    spec = importlib.util.spec_from_file_location("agq_jax_configs_demo", str(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The ConfigDict of a config file (configs/tiny.py by default)."""
+    from agq_jax.run_config import load_configdict
+
+    return load_configdict(str(path))
 
 
 def shrink(cfg):
     """A few-step version of a config (smoke runs of the notebook / demo)."""
     cfg.rounds = 2
     cfg.sft.steps, cfg.sft.batch_size = 2, 2
-    cfg.rl.update(steps_per_round=1, tasks_per_step=2, group_size=2, mini_batch_size=2)
+    cfg.rl.update(steps_per_round=1, tasks_per_step=2, group_size=2, mini_batch_tasks=2)
     cfg.data.heldout_tasks = 2
     cfg.eval.update(k=1, batch_size=4)
-    cfg.rollout.update(max_new_tokens_per_turn=12, max_agent_turns=3)
+    cfg.rollout.update(max_new_tokens_per_turn=12)
+    cfg.env.update(max_agent_turns=3)
     cfg.synth.agentic.update(num_procedural=4, procedural_per_round=1)
     cfg.model.overrides.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                num_key_value_heads=1)
@@ -55,15 +55,15 @@ def comparison_table(evals: dict, before: str = "round0_sft", after: str | None 
     return "\n".join(lines)
 
 
-def chat_with_export(export_dir: str, cfg, max_new_tokens: int = 96) -> str:
+def chat_with_export(export_dir: str, rc, max_new_tokens: int = 96) -> str:
     """One greedy chat turn of the exported model (transformers) on the first held-out task's opening."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agq_jax.driver.data import heldout_items, make_env
 
-    item = heldout_items(cfg)[0]
-    env = make_env(item, cfg)
+    item = heldout_items(rc)[0]
+    env = make_env(item, rc.env, world="scripted")
     messages = env.reset()
     tools = None if getattr(env, "embed_tools", False) else (env.tool_schemas or None)  # as the rollouts render it
     tok = AutoTokenizer.from_pretrained(export_dir)
@@ -84,20 +84,22 @@ def main() -> int:
 
     logging.set_verbosity(logging.WARNING)
     from agq_jax.driver import Driver
+    from agq_jax.run_config import RunConfig
 
     cfg = load_config()
     if os.environ.get("AGQ_DEMO_SMALL"):
         shrink(cfg)
     cfg.run_dir = os.environ.get("AGQ_DEMO_RUN_DIR", str(ROOT / "runs" / "tiny_demo"))
+    rc = RunConfig.from_configdict(cfg)
     t0 = time.time()
-    result = Driver(cfg).run()
+    result = Driver(rc).run()
     wall = time.time() - t0
     print("\n" + comparison_table(result["evals"]))
-    print(f"({cfg.data.heldout_tasks} held-out tasks, same tasks and seeds for both columns. greedy_*: one greedy "
-          f"episode per task; pass@1 / pass@k: mean / any success over {cfg.eval.k} samples per task at "
-          f"T={cfg.eval.temperature}; pass^k: all k succeed; reward: the rubric's partial credit in [0, 1].)")
+    print(f"({rc.data.heldout_tasks} held-out tasks, same tasks and seeds for both columns. greedy_*: one greedy "
+          f"episode per task; pass@1 / pass@k: mean / any success over {rc.eval.k} samples per task at "
+          f"T={rc.eval.temperature}; pass^k: all k succeed; reward: the rubric's partial credit in [0, 1].)")
     print(f"\nflywheel wall time: {wall:.0f}s; export: {result['export']}")
-    print("\n" + chat_with_export(result["export"], cfg))
+    print("\n" + chat_with_export(result["export"], rc))
     return 0
 
 

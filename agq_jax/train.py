@@ -1,5 +1,9 @@
 """The flywheel trainer: `python -m agq_jax.train --config=configs/tiny.py --config.rl.group_size=8`.
 
+The ml_collections config (a configs/*.py file, its `:LAYOUT` suffix and `--config.FIELD=VALUE` overrides)
+becomes the typed run config once, here (agq_jax.run_config); an unknown key is an error naming it.
+`--config=configs/NAME.py:cpu-smoke` runs a full-size config at toy size on 8 CPU devices (agq_jax.smoke).
+
 Each round: build (or load) the round's dataset with data_synth -> optional SFT on verified expert
 trajectories -> GRPO steps -> held-out evaluation -> failures -> flywheel expansion. Re-running the same
 command after a kill resumes from the latest checkpoint in <run_dir>/checkpoints.
@@ -41,12 +45,20 @@ def main(argv):
     del argv
     from absl import logging
 
+    from agq_jax.run_config import RunConfig
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    rc = RunConfig.from_configdict(FLAGS.config)
+    if rc.smoke.enabled:  # before jax starts
+        from agq_jax import smoke
+
+        smoke.force_cpu_devices(rc.smoke.cpu_devices)
     maybe_initialize_distributed()
+    if rc.smoke.enabled:
+        rc = smoke.prepare(rc)
     from agq_jax.driver import Driver, StopRequested
 
-    cfg = FLAGS.config
-    driver = Driver(cfg, stop_after=None if FLAGS.stop_after < 0 else FLAGS.stop_after, progress=bool(cfg.verbose))
+    driver = Driver(rc, stop_after=None if FLAGS.stop_after < 0 else FLAGS.stop_after)
     try:
         result = driver.run()
     except StopRequested as e:

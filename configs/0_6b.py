@@ -8,23 +8,9 @@
 fetch it first (docs/launch.md, "Weights"). The smallest student gets a short SFT warm start on
 expert trajectories in round 0 so that it emits well-formed tool calls before GRPO.
 """
-import importlib.util
-import pathlib
-import sys
+from agq_jax.run_config import sibling
 
-
-def _reference():
-    """configs/_reference.py, loaded by path: ml_collections execs config files outside any package."""
-    name = "agq_jax_configs__reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("_reference.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ref = _reference()
+ref = sibling(__file__, "_reference")
 Layout = ref.Layout
 
 PRESET = "Qwen3-0.6B"
@@ -35,23 +21,25 @@ DEFAULT_LAYOUT = "v6e-8"
 # limits the micro-batch is attention over 14k-token rows (XLA materialises [heads, T, T] scores):
 # one row per device; see `python launch/mesh_plan.py configs/0_6b.py`.
 MESH_LAYOUTS = {
-    "v6e-8": Layout("tpu-v6e", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_size=4,
+    "v6e-8": Layout("tpu-v6e", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
                     note="one v6e-8 host (8 chips x 32 GB); tensor=2 halves each chip's attention scores"),
-    "v5p-8": Layout("tpu-v5p", 4, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_size=4,
+    "v5p-8": Layout("tpu-v5p", 4, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_rows=4,
                     note="one v5p-8 host (4 chips x 95 GB)"),
-    "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_size=8,
+    "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_rows=8,
                      note="one 8xH100 node"),
-    "h100x16": Layout("h100", 16, dict(data=2, fsdp=-1, tensor=1, expert=1), micro_batch_size=16,
+    "h100x16": Layout("h100", 16, dict(data=2, fsdp=-1, tensor=1, expert=1), micro_batch_rows=16,
                       note="two 8xH100 nodes: data parallel across nodes, FSDP inside each"),
 }
 
 
-def get_config(layout: str | None = None):
-    c = ref.build("0_6b", PRESET, HF_PATH, MESH_LAYOUTS, layout or DEFAULT_LAYOUT)
+def recipe(c):
     c.sft.enabled = True
     c.sft.rounds = "first"
     c.sft.steps = 200
     c.sft.batch_size = 16
     c.sft.learning_rate = 1e-5
     c.sft.warmup_steps = 20
-    return c
+
+
+def get_config(layout: str | None = None):
+    return ref.get_config_for(globals(), "0_6b", layout)

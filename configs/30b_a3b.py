@@ -12,23 +12,9 @@ duplicated compute). `v5p-64-ep` adds an `expert` mesh axis (2 shards of 64 whol
 weights are gathered over fsdp only; with the current logical rules the token batch is not split over
 `expert`, so attention and the router repeat on that axis (docs/launch.md, "Choosing a mesh").
 """
-import importlib.util
-import pathlib
-import sys
+from agq_jax.run_config import sibling
 
-
-def _reference():
-    """configs/_reference.py, loaded by path: ml_collections execs config files outside any package."""
-    name = "agq_jax_configs__reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("_reference.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ref = _reference()
+ref = sibling(__file__, "_reference")
 Layout = ref.Layout
 
 PRESET = "Qwen3-30B-A3B"
@@ -36,25 +22,27 @@ HF_PATH = "checkpoints/Qwen3-30B-A3B"
 DEFAULT_LAYOUT = "v5p-64"
 
 MESH_LAYOUTS = {
-    "v5p-64": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=8,
+    "v5p-64": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
                      note="32 chips / 8 hosts; tensor=4 inside a host, FSDP over the slice"),
-    "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=4,
+    "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                      note="16 chips / 4 hosts; ~31 GB of training state per chip"),
-    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=2), micro_batch_size=4,
+    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=2), micro_batch_rows=4,
                         note="expert parallel: 64 experts per expert shard, tensor=4 inside a host"),
-    "v6e-64": Layout("tpu-v6e", 64, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=16,
+    "v6e-64": Layout("tpu-v6e", 64, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=16,
                      note="64 chips x 32 GB; ~8 GB of training state per chip"),
-    "h100x16": Layout("h100", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=4,
+    "h100x16": Layout("h100", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                       note="two 8xH100 nodes; tensor=4 over NVLink, FSDP across both nodes"),
-    "h100x32": Layout("h100", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=8,
+    "h100x32": Layout("h100", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
                       note="four 8xH100 nodes"),
-    "h200x8": Layout("h200", 8, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=2,
+    "h200x8": Layout("h200", 8, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=2,
                      note="one 8xH200 node (141 GB each): the one single-node GPU shape that fits"),
 }
 
 
-def get_config(layout: str | None = None):
-    c = ref.build("30b_a3b", PRESET, HF_PATH, MESH_LAYOUTS, layout or DEFAULT_LAYOUT)
+def recipe(c):
     c.rl.policy_loss = "gspo"                 # sequence-level ratio: stable for MoE routing noise
     c.rl.loss_agg = "seq-mean-token-mean"     # GSPO's sequence-level objective
-    return c
+
+
+def get_config(layout: str | None = None):
+    return ref.get_config_for(globals(), "30b_a3b", layout)

@@ -5,23 +5,9 @@
 
 `model.hf_path` is a local HF directory (config.json + safetensors), relative to the working directory.
 """
-import importlib.util
-import pathlib
-import sys
+from agq_jax.run_config import sibling
 
-
-def _reference():
-    """configs/_reference.py, loaded by path: ml_collections execs config files outside any package."""
-    name = "agq_jax_configs__reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("_reference.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ref = _reference()
+ref = sibling(__file__, "_reference")
 Layout = ref.Layout
 
 PRESET = "Qwen3-8B"
@@ -32,18 +18,18 @@ DEFAULT_LAYOUT = "v5p-32"
 # row make ~66 GB of attention scores on the XLA path, so heads are split over `tensor` (inside a host /
 # over NVLink) and each device trains one row per micro-batch.
 MESH_LAYOUTS = {
-    "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=4,
+    "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                      note="16 chips / 4 hosts; ~8 GB of training state per chip"),
-    "v5p-16": Layout("tpu-v5p", 8, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=2,
+    "v5p-16": Layout("tpu-v5p", 8, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=2,
                      note="8 chips / 2 hosts; ~16 GB of training state per chip"),
-    "v6e-32": Layout("tpu-v6e", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_size=8,
+    "v6e-32": Layout("tpu-v6e", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
                      note="32 chips x 32 GB; ~4 GB of training state per chip"),
-    "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_size=4,
+    "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
                      note="one 8xH100 node; ~16 GB of training state per GPU"),
-    "h100x16": Layout("h100", 16, dict(data=2, fsdp=-1, tensor=2, expert=1), micro_batch_size=8,
+    "h100x16": Layout("h100", 16, dict(data=2, fsdp=-1, tensor=2, expert=1), micro_batch_rows=8,
                       note="two nodes: data parallel across nodes, FSDP + tensor over NVLink inside each"),
 }
 
 
 def get_config(layout: str | None = None):
-    return ref.build("8b", PRESET, HF_PATH, MESH_LAYOUTS, layout or DEFAULT_LAYOUT)
+    return ref.get_config_for(globals(), "8b", layout)

@@ -17,23 +17,11 @@ mis-copied id digit; on the rubric's partial credit GRPO raised held-out reward 
 for sub-goals met on the way to a failure), and without the KL term greedy pass@1 drifted down (measured
 on 120 held-out tasks x 4 samples from the same SFT checkpoint; README, "How GRPO got there").
 """
-import importlib.util
-import pathlib
-import sys
-
-
-def _base():
-    name = "agq_jax_configs_base"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("base.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from agq_jax.run_config import defaults
 
 
 def get_config():
-    c = _base().get_base_config()
+    c = defaults()
     c.name = "tiny"
     c.seed = 0
     c.rounds = 2
@@ -50,7 +38,6 @@ def get_config():
     c.data.reasoning_weight = 0.0
     c.data.heldout_tasks = 120                  # 6 domains x 5 branch types x 4, held-out seeds
 
-    c.synth.progress = False
     c.synth.agentic.num_procedural = 200        # round 0: the GRPO task pool
     c.synth.agentic.procedural_per_round = 40   # later rounds: fresh tasks + harder variants of failures
     c.synth.agentic.level = 0
@@ -67,7 +54,7 @@ def get_config():
     c.rl.steps_per_round = 16
     c.rl.tasks_per_step = 8
     c.rl.group_size = 8
-    c.rl.mini_batch_size = 1                    # 8 optimizer steps per GRPO step (one per task group)
+    c.rl.mini_batch_tasks = 1                   # 8 optimizer steps per GRPO step (one per task group)
     c.rl.max_refill_batches = 0                 # zero-variance groups are masked, not re-sampled (time)
     c.rl.temperature = 1.0
     c.rl.reward = "success"                     # 0/1 task success: the pass@k objective itself
@@ -77,8 +64,8 @@ def get_config():
 
     c.rollout.max_len = 512
     c.rollout.max_new_tokens_per_turn = 48
-    c.rollout.max_agent_turns = 8
-    c.rollout.max_user_turns = 8
+    c.env.max_agent_turns = 8
+    c.env.max_user_turns = 8
     c.rollout.enable_thinking = False
     c.rollout.max_workers = 8
     c.rollout.train_pad_multiple = 64           # train on the batch's length, not the 512-token budget

@@ -29,10 +29,10 @@ def _teachers(client) -> dict:
     return client.models() if client is not None else {}
 
 
-def load_seed_items(cfg, round_idx: int) -> list[dict]:
+def load_seed_items(cfg, round_idx: int, seed: int) -> list[dict]:
     """Stage-1 inputs: personas sampled deterministically from a JSONL file, plus seed linear workflows."""
     items = []
-    if cfg.get("persona_path") and int(cfg.num_personas) > 0:
+    if cfg.persona_path and int(cfg.num_personas) > 0:
         rows = []
         with open(cfg.persona_path, encoding="utf-8") as f:
             for ln, line in enumerate(f, 1):
@@ -41,10 +41,10 @@ def load_seed_items(cfg, round_idx: int) -> list[dict]:
                     if not r.get("persona"):
                         continue
                     rows.append({"id": str(r.get("id") or f"persona{ln}"), "persona": r["persona"]})
-        rng = random.Random(int(cfg.seed) * 7919 + round_idx)
+        rng = random.Random(int(seed) * 7919 + round_idx)
         items += [{"id": f"persona/{r['id']}", "persona": r["persona"]}
                   for r in rng.sample(rows, k=min(int(cfg.num_personas), len(rows)))]
-    if cfg.get("workflow_path"):
+    if cfg.workflow_path:
         with open(cfg.workflow_path, encoding="utf-8") as f:
             for ln, line in enumerate(f, 1):
                 if line.strip():
@@ -223,8 +223,8 @@ def solver_agent(client, role: str):
 async def stage_validate(item: dict, ctx: StageContext, cfg) -> list[dict]:
     client = ctx.client
     solver = user_chat = tool_chat = None
-    if client is not None and cfg.validate_with_teacher and client.has_role(cfg.solver_role):
-        solver = solver_agent(client, cfg.solver_role)
+    if client is not None and cfg.validate_with_teacher and client.has_role("solver"):
+        solver = solver_agent(client, "solver")
         if cfg.validation_user == "teacher" and client.has_role("mock_user"):
             user_chat = client.as_callable("mock_user")
         if cfg.validation_tools == "teacher" and client.has_role("mock_tool"):
@@ -234,9 +234,9 @@ async def stage_validate(item: dict, ctx: StageContext, cfg) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- offline
-def _procedural(cfg, round_idx: int, n: int) -> list[dict]:
+def _procedural(cfg, round_idx: int, n: int, seed: int, domains) -> list[dict]:
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
-    tasks = generate_tasks(n, seed=int(cfg.seed) * 1000 + round_idx, domains=list(cfg.get("domains", ())) or None,
+    tasks = generate_tasks(n, seed=int(seed) * 1000 + round_idx, domains=list(domains) or None,
                            knobs=Knobs(level=int(cfg.level)))
     out = []
     for t in tasks:
@@ -271,8 +271,10 @@ def _failure_items(failures: list | None) -> tuple[list[dict], list[dict]]:
     return items, bad
 
 
-async def build_agentic(cfg, round_idx: int, failures: list | None, client, stage_dir: str, progress: bool = True):
-    """Returns (tasks as JSON dicts, rejections, [StageStats]). `cfg` is the `agentic` sub-config."""
+async def build_agentic(cfg, round_idx: int, failures: list | None, client, stage_dir: str, progress: bool = True,
+                        *, seed: int = 0, domains=()):
+    """Returns (tasks as JSON dicts, rejections, [StageStats]). `cfg` is the run config's `synth.agentic`;
+    `seed` the run's seed, `domains` the procedural domains trained (() = all)."""
     stats: list[StageStats] = []
     rejections: list[dict] = []
     tasks: list[dict] = []
@@ -283,7 +285,7 @@ async def build_agentic(cfg, round_idx: int, failures: list | None, client, stag
     rejections += bad
     n_proc = int(cfg.num_procedural if round_idx == 0 else cfg.procedural_per_round)
     if n_proc:
-        gen = _procedural(cfg, round_idx, n_proc)
+        gen = _procedural(cfg, round_idx, n_proc, seed, domains)
         tasks += gen
         stats.append(StageStats(name="agentic/procedural", inputs=n_proc, processed=n_proc, outputs=len(gen)))
     if not teacher:
@@ -295,7 +297,7 @@ async def build_agentic(cfg, round_idx: int, failures: list | None, client, stag
             stats.append(st)
         return _dedup(tasks, rejections, stats)
     synthesized: list[dict] = []
-    seeds = load_seed_items(cfg, round_idx)
+    seeds = load_seed_items(cfg, round_idx, seed)
     if seeds:
         pipeline = [("agentic/blueprint", stage_blueprint), ("agentic/expand", stage_expand),
                     ("agentic/backtranslate", stage_backtranslate), ("agentic/adversarial", stage_adversarial)]

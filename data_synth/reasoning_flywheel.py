@@ -143,14 +143,16 @@ async def _harder(item: dict, ctx: StageContext, *, round_idx: int, n: int) -> l
     return [harder_variant(p, round_idx=round_idx, salt=i).model_dump() for i in range(n)]
 
 
-async def build_reasoning(cfg, round_idx: int, failures: list | None, client, stage_dir: str, progress: bool = True):
-    """Returns (problems, rejections, [StageStats]). `cfg` is the `reasoning` sub-config."""
+async def build_reasoning(cfg, round_idx: int, failures: list | None, client, stage_dir: str, progress: bool = True,
+                          *, seed: int = 0, solver_roles=("solver",)):
+    """Returns (problems, rejections, [StageStats]). `cfg` is the run config's `synth.reasoning`; `seed` the
+    run's seed; `solver_roles` the teacher roles whose solutions must agree (teachers.solver_roles())."""
     stats: list[StageStats] = []
     rejections: list[dict] = []
     problems: list[dict] = []
-    seed = int(cfg.seed) * 1000 + round_idx
+    seed = int(seed) * 1000 + round_idx
     # ---- seeds (every round gets fresh procedural problems; file seeds only in round 0) --------------
-    if round_idx == 0 and cfg.get("seed_path"):
+    if round_idx == 0 and cfg.seed_path:
         seeds, bad = load_seed_problems(cfg.seed_path, round_idx=round_idx)
         problems += [p.model_dump() for p in seeds]
         rejections += [{"stage": "seed_file", "item": b["where"], "reason": b["reason"], "detail": b["detail"],
@@ -159,9 +161,11 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
                        outputs=len(seeds), rejected=len(bad))
         s.rejections.update(b["reason"] for b in bad)
         stats.append(s)
-    n_proc = int(cfg.num_procedural if round_idx == 0 else cfg.get("fresh_procedural_per_round", 0))
+    n_proc = int(cfg.num_procedural if round_idx == 0 else cfg.fresh_procedural_per_round)
     if n_proc:
-        d = Difficulty.from_dict(dict(cfg.get("difficulty", {}) or {}))
+        dc = cfg.difficulty
+        d = Difficulty(num_ops=dc.num_ops, max_operand=dc.max_operand, algebra_level=dc.algebra_level, hops=dc.hops,
+                       distractors=dc.distractors)
         gen = [p.model_dump() for p in generate_seed_set(n_proc, seed, kinds=tuple(cfg.kinds), difficulty=d,
                                                          round_idx=round_idx)]
         problems += gen
@@ -176,7 +180,7 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
                                "detail": str(e.errors()[0]), "failures": []})
     failed = list({p.id: p for p in failed}.values())
     use_teacher = client is not None and client.has_role("synthesizer") and all(
-        client.has_role(r) for r in cfg.solver_roles)
+        client.has_role(r) for r in solver_roles)
     procedural_failed = [p for p in failed if not use_teacher or p.kind == "multihop"]
     teacher_failed = [p for p in failed if use_teacher and p.kind != "multihop"]
     common = dict(stage_dir=stage_dir, client=client, concurrency=int(cfg.concurrency),
@@ -196,7 +200,7 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
             **common)
         rejections += rej
         stats.append(st)
-        personas = _load_personas(cfg.get("persona_path"), len(teacher_failed) * int(cfg.personas_per_failure), seed)
+        personas = _load_personas(cfg.persona_path, len(teacher_failed) * int(cfg.personas_per_failure), seed)
         pitems = []
         for i, p in enumerate(teacher_failed):
             for j in range(int(cfg.personas_per_failure)):
@@ -212,7 +216,7 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
         cands = list({c["id"]: c for c in cands}.values())
         out, rej, st = await run_stage(
             "reasoning/consistency", cands,
-            lambda it, ctx: _consistency(it, ctx, k=int(cfg.k_solutions), solver_roles=list(cfg.solver_roles),
+            lambda it, ctx: _consistency(it, ctx, k=int(cfg.k_solutions), solver_roles=list(solver_roles),
                                          round_idx=round_idx), **common)
         problems += out
         rejections += rej

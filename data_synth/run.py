@@ -1,10 +1,12 @@
 """One synthesis round: `python -m data_synth.run --config=configs/synth_tiny.py --round=R [--failures=F.jsonl]`.
 
-Writes `runs/<name>/round_<r>/{agentic,reasoning}.jsonl` (the agentic tasks also as `agentic.parquet` and
-`agentic_reference.json`, the release formats) and `manifest.json` (counts per stage, rejection
-reasons, teacher models + prompt hashes, lineage of every item), atomically. Stage checkpoints live in
-`round_<r>/stages/`, so a killed round resumes where it stopped; with the teacher response cache the same
-inputs give the same dataset. The trainer calls `run_round(config, round_idx, failures)`.
+Reads the same run config as the trainer (any configs/*.py: its `teachers`, `synth` and `data` sections)
+and writes `<run_dir>/data/round_<r>/{agentic,reasoning}.jsonl` (the agentic tasks also as `agentic.parquet`
+and `agentic_reference.json`, the release formats) and `manifest.json` (counts per stage,
+rejection reasons, teacher models + prompt hashes, lineage of every item), atomically — exactly where the
+trainer looks for round r. Stage checkpoints live in `round_<r>/stages/`, so a killed round resumes where it
+stopped; with the teacher response cache the same inputs give the same dataset. The trainer calls
+`run_round(rc, round_idx, failures, client)` with its own teacher client.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from data_synth import agentic_prompts
 from data_synth.agentic_flywheel import build_agentic
 from data_synth.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from data_synth.reasoning_flywheel import PROMPTS as REASONING_PROMPTS, build_reasoning
-from data_synth.teachers import TeacherClient, endpoints_from_config
+from data_synth.teachers import TeacherClient, client_from_config
 
 
 @dataclasses.dataclass
@@ -44,8 +46,13 @@ class RoundResult:
         return summary_table(self.stages, self.top_rejections, self)
 
 
-def round_dir(config, round_idx: int) -> str:
-    return os.path.join(config.runs_dir, config.name, f"round_{round_idx}")
+def data_dir(rc) -> str:
+    """Where a run's synthesized rounds and the teacher cache live: <run_dir>/data."""
+    return os.path.join(rc.resolved_run_dir, "data")
+
+
+def round_dir(rc, round_idx: int) -> str:
+    return os.path.join(data_dir(rc), f"round_{round_idx}")
 
 
 def _split_failures(failures) -> dict[str, list]:
@@ -71,40 +78,50 @@ def _lineage(agentic: list[dict], reasoning: list[dict]) -> dict:
     return lin
 
 
-async def _run(config, round_idx: int, failures, client) -> tuple[list, list, list, list]:
-    rdir = round_dir(config, round_idx)
+async def _run(rc, round_idx: int, failures, client) -> tuple[list, list, list, list]:
+    rdir = round_dir(rc, round_idx)
     stage_dir = os.path.join(rdir, "stages")
     fails = _split_failures(failures)
     agentic, a_rej, a_stats = ([], [], [])
     reasoning, r_rej, r_stats = ([], [], [])
-    if config.agentic.enabled:
-        agentic, a_rej, a_stats = await build_agentic(config.agentic, round_idx, fails["agentic"], client, stage_dir,
-                                                      progress=config.progress)
-    if config.reasoning.enabled:
-        reasoning, r_rej, r_stats = await build_reasoning(config.reasoning, round_idx, fails["reasoning"], client,
-                                                          stage_dir, progress=config.progress)
+    if rc.data.agentic_weight > 0:
+        agentic, a_rej, a_stats = await build_agentic(rc.synth.agentic, round_idx, fails["agentic"], client, stage_dir,
+                                                      progress=rc.verbose, seed=rc.seed, domains=rc.data.domains)
+    if rc.data.reasoning_weight > 0:
+        reasoning, r_rej, r_stats = await build_reasoning(rc.synth.reasoning, round_idx, fails["reasoning"], client,
+                                                          stage_dir, progress=rc.verbose, seed=rc.seed,
+                                                          solver_roles=rc.teachers.solver_roles())
     return agentic, reasoning, a_rej + r_rej, a_stats + r_stats
 
 
-def run_round(config, round_idx: int, failures=None, client: TeacherClient | None = None) -> RoundResult:
-    """Synthesize round `round_idx`; `failures` are the policy's failed items of the previous round."""
+def teacher_client(rc) -> TeacherClient | None:
+    """The run's teacher client (None offline), health-checked when teachers.check_health is on."""
+    client = client_from_config(rc.teachers, cache_dir=os.path.join(data_dir(rc), "teacher_cache"))
+    if client is not None and rc.teachers.check_health:
+        try:
+            client.check_health(timeout_s=rc.teachers.health_timeout_s)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def run_round(rc, round_idx: int, failures=None, client: TeacherClient | None = None) -> RoundResult:
+    """Synthesize round `round_idx` of run config `rc`; `failures` are the policy's failed items of the
+    previous round; `client` the caller's teacher client (default: one built from rc.teachers)."""
     t0 = time.perf_counter()
-    rdir = round_dir(config, round_idx)
+    rdir = round_dir(rc, round_idx)
     os.makedirs(rdir, exist_ok=True)
-    endpoints = endpoints_from_config(config.get("teachers") or {})
-    own_client = client is None and bool(endpoints)
+    own_client = client is None
     if own_client:
-        cache = config.get("cache_dir") or os.path.join(config.runs_dir, config.name, "teacher_cache")
-        client = TeacherClient(endpoints, cache_dir=cache)
+        client = teacher_client(rc)
     try:
-        if client is not None and config.get("check_health", True):
-            client.check_health(timeout_s=float(config.get("health_timeout_s", 30.0)))
-        agentic, reasoning, rejections, stats = asyncio.run(_run(config, round_idx, failures, client))
+        agentic, reasoning, rejections, stats = asyncio.run(_run(rc, round_idx, failures, client))
         teacher_stats = client.stats_dict() if client is not None else {}
         models = client.models() if client is not None else {}
         endpoints = client.endpoints_public() if client is not None else {}
     finally:
-        if own_client:
+        if own_client and client is not None:
             client.close()
     ap, rp = os.path.join(rdir, "agentic.jsonl"), os.path.join(rdir, "reasoning.jsonl")
     atomic_write_jsonl(ap, agentic)
@@ -115,13 +132,13 @@ def run_round(config, round_idx: int, failures=None, client: TeacherClient | Non
     stage_dicts = [s.as_dict() for s in stats]
     mode = "teacher" if client is not None else "offline"
     manifest = {
-        "name": config.name, "round": round_idx, "mode": mode,
+        "name": rc.name, "round": round_idx, "mode": mode,
         "counts": {"agentic": len(agentic), "reasoning": len(reasoning), "rejected": len(rejections)},
         "stages": stage_dicts, "rejection_reasons": dict(reasons.most_common()),
         "teachers": {"models": models, "endpoints": endpoints, "usage": teacher_stats},
         "prompt_hashes": {**agentic_prompts.prompt_hashes(),
                           **{k: stable_hash(v) for k, v in REASONING_PROMPTS.items()}},
-        "config_hash": stable_hash(config.to_dict()),
+        "config_hash": stable_hash({"synth": rc.synth.to_dict(), "seed": rc.seed, "data": rc.data.to_dict()}),
         "dataset_hashes": {"agentic": stable_hash(agentic), "reasoning": stable_hash(reasoning)},
         "n_failures_in": {k: len(v) for k, v in _split_failures(failures).items()},
         "lineage": _lineage(agentic, reasoning),
@@ -131,7 +148,7 @@ def run_round(config, round_idx: int, failures=None, client: TeacherClient | Non
     res = RoundResult(round_dir=rdir, agentic_path=ap, reasoning_path=rp, manifest_path=mp, n_agentic=len(agentic),
                       n_reasoning=len(reasoning), mode=mode, stages=stage_dicts, top_rejections=reasons.most_common(8),
                       teacher_stats=teacher_stats, wall_s=round(time.perf_counter() - t0, 2))
-    if config.progress:
+    if rc.verbose:
         print(res.summary(), file=sys.stderr)
     return res
 
@@ -175,14 +192,16 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/synth_tiny.py")
+    from agq_jax.run_config import RunConfig
+
     failures = load_failures(FLAGS.failures) if FLAGS.failures else None
-    res = run_round(FLAGS.config, FLAGS.round, failures)
+    res = run_round(RunConfig.from_configdict(FLAGS.config), FLAGS.round, failures)
     print(json.dumps({"round_dir": res.round_dir, "agentic": res.n_agentic, "reasoning": res.n_reasoning,
                       "mode": res.mode, "wall_s": res.wall_s}))
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "synthesis config (configs/synth_*.py)", lock_config=False)
+    config_flags.DEFINE_config_file("config", None, "a run config (configs/*.py[:LAYOUT])", lock_config=False)
     flags.DEFINE_integer("round", 0, "round index r")
     flags.DEFINE_string("failures", "", "JSONL of failed items of round r-1, each tagged type=agentic|reasoning")
     app.run(main)

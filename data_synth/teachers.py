@@ -79,33 +79,30 @@ class Endpoint:
         return d
 
 
-_ENDPOINT_FIELDS = {f.name for f in dataclasses.fields(Endpoint)}
+def client_from_config(teachers, cache_dir: str) -> "TeacherClient | None":
+    """The client of a run config's `teachers` section (agq_jax.run_config TeachersSection), or None offline.
 
+    Every role's endpoint is fully resolved by the section (role value, else `teachers.default`'s); the
+    trainer and `python -m data_synth.run` both build their client here. A `loopback` URL starts the
+    scripted loopback teacher in-process for the client's lifetime (data_synth.loopback_teacher)."""
+    specs = teachers.endpoints()
+    if not specs:
+        return None
+    server = None
+    if any(ep["base_url"] == "loopback" for ep in specs.values()):
+        from data_synth.loopback_teacher import start_loopback_teacher
 
-def endpoints_from_config(teachers: Mapping[str, Any] | None) -> dict[str, Endpoint]:
-    """`{role: Endpoint}` from a config mapping `{"default": {...}, role: {...overrides}}`.
-
-    A role with no `model`/`base_url` of its own inherits them from `default`. Unknown keys are
-    an error naming the role and the key. An empty mapping means offline mode (no teachers)."""
-    if not teachers:
-        return {}
-    if hasattr(teachers, "to_dict"):  # ml_collections.ConfigDict -> plain nested dicts
-        teachers = teachers.to_dict()
-    teachers = {k: (dict(v) if v is not None else {}) for k, v in dict(teachers).items()}
-    default = teachers.pop("default", {})
-    out = {}
-    for role, spec in teachers.items():
-        merged = {**default, **spec}
-        bad = set(merged) - _ENDPOINT_FIELDS
-        if bad:
-            raise ValueError(f"teachers.{role}: unknown keys {sorted(bad)} (allowed: {sorted(_ENDPOINT_FIELDS)})")
-        for req in ("base_url", "model"):
-            if not merged.get(req):
-                raise ValueError(f"teachers.{role}: missing {req!r} (and no default)")
-        if merged.get("extra_body") is not None:
-            merged["extra_body"] = dict(merged["extra_body"])
-        out[role] = Endpoint(**merged)
-    return out
+        server = start_loopback_teacher()
+        specs = {r: dict(ep, base_url=server.base_url if ep["base_url"] == "loopback" else ep["base_url"])
+                 for r, ep in specs.items()}
+    endpoints = {}
+    for role, ep in specs.items():
+        thinking = ep.pop("enable_thinking")
+        endpoints[role] = Endpoint(**ep, extra_body={"chat_template_kwargs": {"enable_thinking": bool(thinking)}})
+    client = TeacherClient(endpoints, cache_dir=teachers.cache_dir or cache_dir)
+    if server is not None:
+        client.on_close(server.stop)
+    return client
 
 
 @dataclasses.dataclass
@@ -231,6 +228,11 @@ class TeacherClient:
         self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the client closes (e.g. stop a loopback server it owns)."""
+        self._on_close.append(fn)
 
     # ---- public API -------------------------------------------------------------------------
     def has_role(self, role: str) -> bool:
@@ -293,6 +295,8 @@ class TeacherClient:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        for fn in self._on_close:
+            fn()
 
     def __enter__(self):
         return self

@@ -44,22 +44,6 @@ def load_config_module(path: str | os.PathLike):
     return module
 
 
-def model_config(c):
-    """Qwen3Config of a training config: the preset, or config.json under model.hf_path, plus overrides."""
-    from agq_jax.models.config import PRESETS, Qwen3Config
-    training = dict(remat=c.model.remat, attention_impl=c.model.attention_impl, moe_impl=c.model.moe_impl)
-    if c.model.preset:
-        if c.model.preset not in PRESETS:
-            raise KeyError(f"model.preset={c.model.preset!r} is not one of {sorted(PRESETS)}")
-        cfg = PRESETS[c.model.preset]
-    else:
-        cfg_path = pathlib.Path(c.model.hf_path) / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"model.preset is empty and {cfg_path} does not exist")
-        cfg = Qwen3Config.from_hf_dict(json.loads(cfg_path.read_text()))
-    return cfg.replace(**training, **dict(c.model.overrides))
-
-
 def abstract_params(cfg, dtype: str = "bfloat16", param_dtype: str = "float32"):
     """(graphdef, abstract nnx.State) of the full model: shapes and dtypes only, nothing allocated."""
     import jax.numpy as jnp
@@ -138,12 +122,15 @@ def attention_bytes_per_row(cfg, sizes: dict[str, int], seq_len: int) -> int:
 def plan(config_path: str | os.PathLike, layout: str | None = None, devices: int | None = None,
          _cache: dict | None = None) -> dict[str, Any]:
     """Memory and sharding summary of one layout of a config file (see the module docstring)."""
+    from agq_jax.run_config import RunConfig, model_config
+    from agq_jax.run_config.schema import HARDWARE
+
     module = load_config_module(config_path)
     ref = module.ref
     name = layout or module.DEFAULT_LAYOUT
     lay = ref.pick_layout(module.MESH_LAYOUTS, name)
-    c = module.get_config(name)
-    cfg = model_config(c)
+    c = RunConfig.from_configdict(module.get_config(name))
+    cfg = model_config(c, weights_optional=True)
     key = (cfg, c.model.param_dtype)
     cache = _cache if _cache is not None else {}
     if key not in cache:
@@ -152,7 +139,7 @@ def plan(config_path: str | os.PathLike, layout: str | None = None, devices: int
     n = devices or lay.devices
     sizes = ref.mesh_shape(lay, n)
     rows = param_table(abs_state, abstract_mesh(sizes))
-    hw = ref.HARDWARE[lay.hardware]
+    hw = HARDWARE[lay.hardware]
     total = sum(r["size"] for r in rows)
     per_device = sum(r["device_bytes"] for r in rows)
     # Intended sharding: fsdp x tensor for every param, x expert for expert weights; `data` replicates.
@@ -163,10 +150,10 @@ def plan(config_path: str | os.PathLike, layout: str | None = None, devices: int
     kv_tok = kv_bytes_per_token(cfg, sizes)
     free = 0.9 * hw.hbm_bytes - state  # 10% for XLA scratch / fragmentation
     batch_shards = sizes["data"] * sizes["fsdp"]
-    rows_per_device = c.rl.micro_batch_size / batch_shards
+    rows_per_device = c.rl.micro_batch_rows / batch_shards
     attention = attention_bytes_per_row(cfg, sizes, c.rollout.max_len) * math.ceil(rows_per_device)
     return dict(
-        config=pathlib.Path(config_path).stem, layout=name, hardware=hw.name, devices=n, mesh=sizes,
+        config=pathlib.Path(config_path).stem, layout=name, hardware=hw.description, devices=n, mesh=sizes,
         params=total, active_params=active_params(cfg, rows),
         param_bytes_per_device=per_device, replication_overhead=per_device / ideal - 1.0,
         train_state_bytes_per_device=state, hbm_bytes=hw.hbm_bytes, state_fraction=state / hw.hbm_bytes,
@@ -174,10 +161,10 @@ def plan(config_path: str | os.PathLike, layout: str | None = None, devices: int
         # Full-length KV caches in flight: per device, and over the mesh (a row lives on one batch shard).
         full_rollouts_per_device=max(0.0, free / (kv_tok * c.rollout.max_len)),
         full_rollouts_global=int(max(0.0, free / (kv_tok * c.rollout.max_len))) * batch_shards,
-        batch_shards=batch_shards, micro_batch_size=c.rl.micro_batch_size, rows_per_device=rows_per_device,
+        batch_shards=batch_shards, micro_batch_rows=c.rl.micro_batch_rows, rows_per_device=rows_per_device,
         # train-step peak if attention is materialised (XLA path): state + one layer's score matrices
         attention_bytes_per_device=attention, train_peak_fraction=(state + attention) / hw.hbm_bytes,
-        divisibility_errors=divisibility_errors(rows, sizes), rows=rows, model_config=cfg, config_dict=c,
+        divisibility_errors=divisibility_errors(rows, sizes), rows=rows, model_config=cfg, run_config=c,
     )
 
 
@@ -200,7 +187,7 @@ def main(argv=None) -> int:
     results = [plan(args.config, n, args.devices, cache) for n in names]
     if args.json:
         for r in results:
-            print(json.dumps({k: v for k, v in r.items() if k not in ("rows", "model_config", "config_dict")}))
+            print(json.dumps({k: v for k, v in r.items() if k not in ("rows", "model_config", "run_config")}))
         return 0
     r0 = results[0]
     print(f"{r0['config']}: {r0['params'] / 1e9:.2f}B params, {r0['active_params'] / 1e9:.2f}B active per token")

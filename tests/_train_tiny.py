@@ -61,10 +61,10 @@ def learning_task():
 
 
 def load_tiny_config():
-    sys.path.insert(0, ROOT)
-    from configs.base import get_base_config  # noqa: E402
+    """A tiny model's ConfigDict (tests change fields, then `run_config(c)` makes the typed config)."""
+    from agq_jax.run_config import defaults
 
-    c = get_base_config()
+    c = defaults()
     c.name = "test"
     c.verbose = False
     c.mesh.enabled = False
@@ -72,12 +72,19 @@ def load_tiny_config():
                              num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
                              max_position_embeddings=1024, rope_theta=10000.0, initializer_range=0.02)
     c.tokenizer.kind = "procedural"
-    c.rollout.update(max_len=640, max_new_tokens_per_turn=1, max_agent_turns=6, max_user_turns=6,
-                     enable_thinking=False, max_workers=4, stop_on_tool_call=False, chunk_size=128)
+    c.rollout.update(max_len=640, max_new_tokens_per_turn=1, enable_thinking=False, max_workers=4,
+                     stop_on_tool_call=False, chunk_size=128)
+    c.env.update(max_agent_turns=6, max_user_turns=6)
     c.eval.update(k=0, greedy_pass1=False, batch_size=32, after_sft=False)
     c.checkpoint.update(every_steps=2, keep=3, async_save=True)
-    c.rl.update(tasks_per_step=4, group_size=8, mini_batch_size=4, ppo_epochs=1, max_refill_batches=0,
+    c.rl.update(tasks_per_step=4, group_size=8, mini_batch_tasks=4, ppo_epochs=1, max_refill_batches=0,
                 logprob_chunk=256)
     c.optim.update(learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0)
     c.rounds = 1
     return c
+
+
+def run_config(c):
+    from agq_jax.run_config import RunConfig
+
+    return RunConfig.from_configdict(c)

@@ -1,10 +1,12 @@
 """The full-size configs (0_6b, 8b, 30b_a3b, 235b_a22b) load through ml_collections' config_flags from any
-working directory, carry the reference recipe, and their models build abstractly (shapes + shardings, no
-weights) on simulated meshes of every named layout; Qwen3-30B-A3B also compiles on the 8 CPU devices.
+working directory into the typed run config (unknown keys and bad values are errors naming the key), derive
+their model one way, have cpu-smoke variants that differ only in sizes, and their models build abstractly
+(shapes + shardings, no weights) on simulated meshes of every named layout.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import pathlib
 import subprocess
@@ -47,16 +49,6 @@ def _flag_config(argv: list[str]):
     return fv.config
 
 
-def _keys(d, prefix=""):
-    out = set()
-    for k, v in d.items():
-        if hasattr(v, "items"):
-            out |= _keys(v, f"{prefix}{k}.")
-        else:
-            out.add(prefix + k)
-    return out
-
-
 ALL_LAYOUTS = [(n, lay) for n in CONFIGS for lay in _module(n).MESH_LAYOUTS]
 
 
@@ -64,94 +56,106 @@ ALL_LAYOUTS = [(n, lay) for n in CONFIGS for lay in _module(n).MESH_LAYOUTS]
 
 @pytest.mark.parametrize("name,layout", ALL_LAYOUTS)
 def test_loads_through_config_flags_from_another_cwd(name, layout, tmp_path, monkeypatch):
+    """`--config=configs/NAME.py:LAYOUT --config.FIELD=VALUE` from any directory gives the typed run config
+    of that layout, with the override applied."""
+    from agq_jax.run_config import RunConfig
+
     monkeypatch.chdir(tmp_path)
     argv = ["train", f"--config={_path(name)}:{layout}", "--config.rl.group_size=8", "--config.seed=3"]
-    c = _flag_config(argv)
-    assert c.mesh_layout == layout and c.rl.group_size == 8 and c.seed == 3
+    rc = RunConfig.from_configdict(_flag_config(argv))
+    assert rc.mesh.layout == layout and rc.rl.group_size == 8 and rc.seed == 3
     lay = _module(name).MESH_LAYOUTS[layout]
-    assert {k: c.mesh[k] for k in ("data", "fsdp", "tensor", "expert")} == {**dict(data=1, tensor=1, expert=1),
-                                                                              **dict(lay.mesh)}
-    with pytest.raises(AttributeError):  # config_flags locks the config: typos in overrides cannot add fields
-        c.rl.grup_size = 4
+    assert {k: getattr(rc.mesh, k) for k in ("data", "fsdp", "tensor", "expert")} == \
+        {**dict(data=1, tensor=1, expert=1), **dict(lay.mesh)}
+    assert rc.rl.micro_batch_rows == lay.micro_batch_rows and rc.mesh.hardware == lay.hardware
+
+
+def test_unknown_keys_and_bad_values_name_the_key():
+    from agq_jax.run_config import RunConfig, load
+    from agq_jax.run_config.core import UnknownKnobError
+
+    c = _flag_config(["t", f"--config={_path('30b_a3b')}"])
+    with pytest.raises(UnknownKnobError, match=r"'rl.grup_size'.*did you mean 'rl.group_size'"):
+        RunConfig.from_configdict({**c.to_dict(), "rl": {**c.rl.to_dict(), "grup_size": 4}})
+    with pytest.raises(UnknownKnobError, match="'mesh_layout'"):  # a removed knob is an error, not ignored
+        RunConfig.from_configdict({**c.to_dict(), "mesh_layout": "v5p-64"})
+    with pytest.raises(TypeError, match=r"config rl.group_size='8': expected an integer"):
+        RunConfig.from_configdict({**c.to_dict(), "rl": {**c.rl.to_dict(), "group_size": "8"}})
+    with pytest.raises(ValueError, match=r"rl.tasks_per_step=64 is not a multiple of rl.mini_batch_tasks=7"):
+        load(f"{_path('30b_a3b')}", ["--config.rl.mini_batch_tasks=7"])
+    with pytest.raises(ValueError, match=r"config model.remat='most'"):
+        load(f"{_path('8b')}", ["--config.model.remat=most"])
 
 
 def test_default_layout_and_unknown_layout_error():
     module = _module("30b_a3b")
-    assert _flag_config(["t", f"--config={_path('30b_a3b')}"]).mesh_layout == module.DEFAULT_LAYOUT
+    assert _flag_config(["t", f"--config={_path('30b_a3b')}"]).mesh.layout == module.DEFAULT_LAYOUT
     with pytest.raises(ValueError, match=r"unknown mesh layout 'v9-1'.*h100x16"):
         module.get_config("v9-1")
 
 
 def test_loads_in_a_clean_interpreter_outside_the_repo(tmp_path):
     """No reliance on pytest's sys.path: a fresh python in another directory, as a launch script runs it."""
-    code = ("import sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
-            "argv = ['t', '--config=' + sys.argv[1], '--config.rl.clip_high=0.3']\n"
-            "fv = flags.FlagValues()\n"
-            "config_flags.DEFINE_config_file('config', None, flag_values=fv, sys_argv=argv)\n"
-            "fv(argv)\nprint(fv.config.model.preset, fv.config.rl.policy_loss, fv.config.rl.clip_high)\n")
+    code = ("import sys\nfrom agq_jax.run_config import load\n"
+            "rc = load(sys.argv[1], ['--config.rl.clip_high=0.3'])\n"
+            "print(rc.model.preset, rc.rl.policy_loss, rc.rl.clip_high, 'jax' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code, f"{_path('30b_a3b')}:h100x16"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["Qwen3-30B-A3B", "gspo", "0.3"]
+    assert out.stdout.split() == ["Qwen3-30B-A3B", "gspo", "0.3", "False"]  # no jax import to load a config
 
 
-# ---- values -----------------------------------------------------------------------------------------
+# ---- one derivation of the model config -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_reference_recipe(name):
-    module = _module(name)
-    ref = module.ref
-    c = module.get_config()
-    base = ref.get_base_config()
-    extra = _keys(c) - _keys(base)
-    assert extra <= set(ref.EXTRA_FIELDS), f"fields not in configs/base.py: {sorted(extra - set(ref.EXTRA_FIELDS))}"
-    assert c.name == name and c.model.preset == PRESETS[name] and c.tokenizer.kind == "qwen3"
-    assert c.model.hf_path.endswith(PRESETS[name]) and not pathlib.Path(c.model.hf_path).is_absolute()
-    assert (c.model.dtype, c.model.param_dtype, c.model.remat) == ("bfloat16", "float32", "full")
-    # the reference's RL settings
-    assert (c.rl.group_size, c.rl.tasks_per_step, c.rl.mini_batch_size) == (16, 64, 16)
-    assert c.optim.learning_rate == 1e-6 and c.optim.decay == "constant"
-    assert (c.rl.clip_low, c.rl.clip_high) == (0.2, 0.28)
-    assert c.rl.kl_coef == 0.0 and c.rl.advantage == "grpo"
-    assert c.rollout.max_response_tokens == 10_000 and c.rollout.max_len >= 10_000 + 2_048
-    assert c.rollout.max_len % 128 == 0
-    assert (c.rollout.max_agent_turns, c.rollout.max_user_turns) == (15, 15)
-    assert c.rl.tasks_per_step % c.rl.mini_batch_size == 0
-    mini_rows = c.rl.mini_batch_size * c.rl.group_size
-    assert mini_rows % c.rl.micro_batch_size == 0
-    if name in ("30b_a3b", "235b_a22b"):
-        assert c.rl.policy_loss == "gspo" and c.rl.loss_agg == "seq-mean-token-mean"
-        assert 0 < c.rl.gspo_clip_low <= c.rl.gspo_clip_high < 0.01
-    else:
-        assert c.rl.policy_loss == "ppo_clip" and c.rl.loss_agg == "token-mean"
-    assert c.sft.enabled == (name == "0_6b")
-    # teachers, rounds, checkpoints, export
-    assert c.teachers.base_url.startswith("http") and c.teachers.base_url.endswith("/v1")
-    for role in ("synthesizer", "mock_user", "mock_tool", "judge"):
-        assert c.teachers[role] == ref.TEACHER_MODEL
-    assert c.rounds >= 2 and c.checkpoint.keep >= 2 and c.checkpoint.async_save and c.export.every_round
+def test_model_config_checkpoint_wins_and_training_fields_apply(tmp_path):
+    """With hf_path set the checkpoint's config.json is the architecture (not the preset), and the training
+    fields (remat, attention / MoE kernels) and model.overrides still apply; a checkpoint of another family
+    than the preset is an error; without the weights, planning falls back to the preset."""
+    from agq_jax.models.config import PRESETS
+    from agq_jax.run_config import load, model_config
+
+    arch = PRESETS["Qwen3-30B-A3B"].replace(hidden_size=64, num_hidden_layers=2, num_experts=8,
+                                            num_experts_per_tok=2, moe_intermediate_size=32)
+    (tmp_path / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    rc = load(f"{_path('30b_a3b')}:h100x16", [f"--config.model.hf_path={tmp_path}"])
+    cfg = model_config(rc.replace(**{"model.overrides": {"rope_theta": 5000.0}}))
+    assert (cfg.hidden_size, cfg.num_experts, cfg.num_hidden_layers) == (64, 8, 2)
+    assert (cfg.remat, cfg.attention_impl, cfg.moe_impl, cfg.rope_theta) == ("full", "auto", "ragged", 5000.0)
+    with pytest.raises(ValueError, match="holds a qwen3_moe checkpoint but model.preset='Qwen3-8B'"):
+        model_config(load(str(_path("8b")), [f"--config.model.hf_path={tmp_path}"]))
+    missing = load(str(_path("8b")), ["--config.model.hf_path=/nonexistent/Qwen3-8B"])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        model_config(missing)
+    assert model_config(missing, weights_optional=True).hidden_size == PRESETS["Qwen3-8B"].hidden_size
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_values_build_the_consumers_dataclasses(name):
-    """The fields validate in the dataclasses the driver turns them into (registered names, enums)."""
-    from agq_jax.models.sharding import MeshConfig
-    from agq_jax.rl import algo
-    from agq_jax.rl.optim import OptimConfig
-    from agq_jax.rl.step import LossConfig
-    module = _module(name)
-    for layout in module.MESH_LAYOUTS:
-        c = module.get_config(layout)
-        mesh = MeshConfig(**{k: c.mesh[k] for k in ("data", "fsdp", "tensor", "expert")})
-        assert math.prod(mesh.shape(module.MESH_LAYOUTS[layout].devices)) == module.MESH_LAYOUTS[layout].devices
-        cfg = mesh_plan.model_config(c)  # Qwen3Config.__post_init__ validates remat / attention / moe impl
-        assert cfg.attention_impl == "auto"  # splash on TPU, cuDNN on GPU
-    OptimConfig(**{k: c.optim[k] for k in ("learning_rate", "warmup_steps", "decay", "min_lr_ratio",
-                                           "weight_decay", "max_grad_norm", "b1", "b2")})
-    LossConfig(stage="grpo", **{k: c.rl[k] for k in ("policy_loss", "clip_low", "clip_high", "gspo_clip_low",
-                                                     "gspo_clip_high", "loss_agg", "kl_coef", "kl_estimator",
-                                                     "entropy_coef", "temperature", "logprob_chunk")})
-    algo.lookup(algo.ADVANTAGES, c.rl.advantage, "advantage")
+def test_cpu_smoke_differs_from_its_layout_only_in_sizes():
+    """Field by field, a cpu-smoke run config equals the real layout's except for the size and harness
+    knobs listed in configs/_reference.py SMOKE_FIELDS (so the smoke runs the shipped recipe)."""
+    from agq_jax.run_config import RunConfig
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("overrides", "model_sizes"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    for name in CONFIGS:
+        module = _module(name)
+        for layout in module.MESH_LAYOUTS:
+            real = flat(RunConfig.from_configdict(module.get_config(layout)).to_dict())
+            smoke = flat(RunConfig.from_configdict(module.get_config(f"cpu-smoke@{layout}")).to_dict())
+            assert real.keys() == smoke.keys()
+            differ = {k for k in real if real[k] != smoke[k]}
+            assert differ <= set(module.ref.SMOKE_FIELDS), (name, layout, sorted(differ - set(module.ref.SMOKE_FIELDS)))
+            assert smoke["smoke.enabled"] and smoke["mesh.layout"] == layout
+            used = [a for a in ("data", "fsdp", "tensor", "expert") if real[f"mesh.{a}"] != 1]
+            assert all(smoke[f"mesh.{a}"] > 1 for a in used)  # every axis the layout splits is exercised
+            assert math.prod(smoke[f"mesh.{a}"] for a in ("data", "fsdp", "tensor", "expert")) == 8
+        assert module.get_config("cpu-smoke").mesh.layout == module.DEFAULT_LAYOUT
 
 
 # ---- abstract model on simulated meshes ------------------------------------------------------------
@@ -162,7 +166,7 @@ _ABSTRACT_CACHE: dict = {}
 @pytest.mark.parametrize("name,layout", ALL_LAYOUTS)
 def test_layout_shards_the_full_model(name, layout):
     p = mesh_plan.plan(_path(name), layout, _cache=_ABSTRACT_CACHE)
-    sizes, rows, c = p["mesh"], p["rows"], p["config_dict"]
+    sizes, rows, c = p["mesh"], p["rows"], p["run_config"]
     total, active = PUBLISHED[name]
     assert p["params"] / 1e9 == pytest.approx(total, rel=0.02)
     assert p["active_params"] / 1e9 == pytest.approx(active, rel=0.02)
@@ -177,7 +181,7 @@ def test_layout_shards_the_full_model(name, layout):
     assert p["rows_per_device"] >= 1 and p["train_peak_fraction"] <= 0.9, p["train_peak_fraction"]
     # enough KV cache for every task of a step to have a full-length rollout in flight
     assert p["full_rollouts_global"] >= c.rl.tasks_per_step
-    assert c.rl.micro_batch_size % p["batch_shards"] == 0
+    assert c.rl.micro_batch_rows % p["batch_shards"] == 0
     cfg = p["model_config"]
     experts = [r for r in rows if "expert" in r["logical"]]
     assert bool(experts) == cfg.is_moe

@@ -10,13 +10,13 @@ from data_synth.io_utils import atomic_write_jsonl, read_jsonl
 
 
 def test_stored_task_renders_the_same_prompt(tmp_path):
-    import ml_collections
+    from agq_jax.run_config.schema import EnvSection
 
     tasks = generate_tasks(12, seed=3)  # every domain, several branch types
     path = tmp_path / "agentic.jsonl"
     atomic_write_jsonl(str(path), [t.model_dump(mode="json") for t in tasks])
-    cfg = ml_collections.ConfigDict({"rollout": {"max_agent_turns": 8, "max_user_turns": 8}})
-    loaded = load_items(read_jsonl(str(path)), AGENTIC, cfg, with_gold=False)
+    loaded = load_items(read_jsonl(str(path)), AGENTIC, EnvSection(max_agent_turns=8, max_user_turns=8),
+                        with_gold=False)
     for task, item in zip(tasks, loaded):
         fresh = make_env(task, user="scripted", tools="auto")
         stored = make_env(item.obj, user="scripted", tools="auto")

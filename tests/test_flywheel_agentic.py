@@ -1,6 +1,5 @@
 """Agentic flywheel end to end against a loopback OpenAI-compatible server replaying hand-written teacher
 replies (tests/fixtures/teacher_replies/agentic_flow.json): good, malformed and adversarial replies."""
-import importlib.util
 import json
 import os
 import shutil
@@ -27,23 +26,29 @@ PERSONAS = ["A school basketball team captain who believes sports and their fund
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("synth_tiny", ROOT / "configs" / "synth_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    from agq_jax.run_config import load_configdict
+
+    return load_configdict(str(ROOT / "configs" / "synth_tiny.py"))
 
 
-def make_config(tmp: Path, url: str, name: str = "t"):
+def make_config(tmp: Path, url: str, name: str = "t", **changes):
+    """The synth_tiny run config with every teacher role on `url` and the fixture's personas; `changes`
+    are dotted knobs ("synth.agentic.num_personas": 0)."""
+    from agq_jax.run_config import RunConfig
+
     personas = tmp / "personas.jsonl"
     personas.write_text("".join(json.dumps({"persona": p, "id": f"p{i}"}) + "\n" for i, p in enumerate(PERSONAS)))
     c = _tiny_config()
-    c.name, c.runs_dir, c.progress = name, str(tmp / "runs"), False
-    c.teachers = {"default": {"base_url": url, "model": "replay-teacher", "backoff_s": 0.01, "timeout_s": 10,
-                              "max_retries": 1}, "synthesizer": {}, "solver": {}}
-    c.agentic.persona_path, c.agentic.num_personas = str(personas), 3
-    c.agentic.num_procedural, c.agentic.procedural_per_round, c.agentic.max_branches_per_tree = 0, 0, 6
-    c.reasoning.enabled = False
-    return c
+    c.name, c.run_dir, c.verbose = name, str(tmp / "runs" / name), False
+    d = c.teachers.default
+    d.base_url, d.model, d.backoff_s, d.timeout_s, d.max_retries = url, "replay-teacher", 0.01, 10.0, 1
+    for role in ("mock_user", "mock_tool", "judge"):  # roles this flow does not use: no endpoint
+        c.teachers[role].base_url = c.teachers[role].model = ""
+    a = c.synth.agentic
+    a.persona_path, a.num_personas = str(personas), 3
+    a.num_procedural, a.procedural_per_round, a.max_branches_per_tree = 0, 0, 6
+    c.data.reasoning_weight = 0.0
+    return RunConfig.from_configdict(c).replace(**changes)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,8 @@ def test_killed_stage_resumes_to_the_same_dataset(round0, tmp_path, monkeypatch)
         monkeypatch.setattr(agentic_flywheel, "stage_backtranslate", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
             run_round(cfg, 0)
-        ckpt = os.path.join(tmp_path, "runs", cfg.name, "round_0", "stages", "agentic", "backtranslate.ckpt.jsonl")
+        ckpt = os.path.join(tmp_path, "runs", cfg.name, "data", "round_0", "stages", "agentic",
+                            "backtranslate.ckpt.jsonl")
         assert len(read_jsonl(ckpt, tolerate_truncated_tail=True)) == 2
         monkeypatch.setattr(agentic_flywheel, "stage_backtranslate", real)
         res = run_round(cfg, 0)
@@ -157,8 +163,7 @@ def test_failure_expansion_grows_a_branch(round0, tmp_path):
     reward = score(free, rec).total
     assert reward < 1.0
     with ReplayServer.from_files(FIXTURE) as srv:
-        cfg = make_config(tmp_path, srv.base_url)
-        cfg.agentic.num_personas = 0
+        cfg = make_config(tmp_path, srv.base_url, **{"synth.agentic.num_personas": 0})
         res = run_round(cfg, 1, failures={"agentic": [{"task": free.model_dump(mode="json"),
                                                         "episode": rec.to_dict(), "reward": reward}]})
     rows = read_jsonl(res.agentic_path)
@@ -173,25 +178,27 @@ def test_failure_expansion_grows_a_branch(round0, tmp_path):
 
 
 def test_offline_round_makes_failures_harder(tmp_path, round0):
+    from agq_jax.run_config import RunConfig
+
     c = _tiny_config()
-    c.name, c.runs_dir, c.progress = "off", str(tmp_path), False
-    c.agentic.num_procedural, c.reasoning.enabled = 4, False
-    r0 = run_round(c, 0)
+    c.name, c.run_dir, c.verbose = "off", str(tmp_path / "off"), False
+    c.synth.agentic.num_procedural, c.data.reasoning_weight = 4, 0.0
+    r0 = run_round(RunConfig.from_configdict(c), 0)
     tasks = [Task.model_validate(t) for t in read_jsonl(r0.agentic_path)]
     for t in tasks:   # procedural tasks come verified: gold replay scores 1 in the state-backed world
         assert score(t, run_episode(t, replay_agent(t.gold_replies), user="scripted")).total == 1.0
     synthesized = round0["tasks"][0]   # a teacher-made task has no procedural generator behind it
-    c.agentic.procedural_per_round = 0
-    r1 = run_round(c, 1, failures=[{"type": "agentic", "task": tasks[0].model_dump(mode="json")},
+    c.synth.agentic.procedural_per_round = 0
+    r1 = run_round(RunConfig.from_configdict(c), 1, failures=[{"type": "agentic", "task": tasks[0].model_dump(mode="json")},
                                    {"type": "agentic", "task": synthesized}])
     rows = [Task.model_validate(t) for t in read_jsonl(r1.agentic_path)]
     assert len(rows) == 1 and rows[0].lineage.method == "harder_variant"
     assert rows[0].lineage.parent_ids == [tasks[0].id] and rows[0].difficulty.level > tasks[0].difficulty.level
     assert r1.mode == "offline" and dict(r1.top_rejections) == {"agentic/harder:not_procedural": 1}
     # same inputs -> same dataset, from scratch in a fresh directory
-    c.runs_dir = str(tmp_path / "again")
-    run_round(c, 0)
-    again = run_round(c, 1, failures=[{"type": "agentic", "task": tasks[0].model_dump(mode="json")}])
+    c.run_dir = str(tmp_path / "again")
+    run_round(RunConfig.from_configdict(c), 0)
+    again = run_round(RunConfig.from_configdict(c), 1, failures=[{"type": "agentic", "task": tasks[0].model_dump(mode="json")}])
     assert Path(again.agentic_path).read_text() == Path(r1.agentic_path).read_text()
 
 

@@ -1,6 +1,5 @@
 """Reasoning flywheel: answer equivalence, consistency filter against replayed teacher solutions, offline
 procedural seeds and harder variants, seed-file validation, offline round via the CLI."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,10 +21,22 @@ FIXTURE = str(ROOT / "tests" / "fixtures" / "teacher_replies" / "reasoning_flow.
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("synth_tiny", ROOT / "configs" / "synth_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    from agq_jax.run_config import load_configdict
+
+    return load_configdict(str(ROOT / "configs" / "synth_tiny.py"))
+
+
+def _teacher_config(c, url: str, model: str, **endpoint):
+    """Every role that the reasoning flywheel uses (synthesizer, solver) on `url`; no other role."""
+    from agq_jax.run_config import RunConfig
+
+    d = c.teachers.default
+    d.base_url, d.model = url, model
+    for k, v in endpoint.items():
+        d[k] = v
+    for role in ("mock_user", "mock_tool", "judge"):
+        c.teachers[role].base_url = c.teachers[role].model = ""
+    return RunConfig.from_configdict(c)
 
 
 @pytest.mark.parametrize("pred,gold", [
@@ -62,11 +73,10 @@ def test_consistency_filter_and_variants(tmp_path):
         multihop.model_dump(), {"question": "missing its answer"}]}
     with ReplayServer.from_files(FIXTURE) as srv:
         c = _tiny_config()
-        c.name, c.runs_dir, c.progress = "r", str(tmp_path / "runs"), False
-        c.teachers = {"default": {"base_url": srv.base_url, "model": "replay", "backoff_s": 0.01, "max_retries": 1},
-                      "synthesizer": {}, "solver": {}}
-        c.agentic.enabled = False
-        c.reasoning.persona_path, c.reasoning.fresh_procedural_per_round = str(personas), 0
+        c.name, c.run_dir, c.verbose = "r", str(tmp_path / "runs" / "r"), False
+        c.data.agentic_weight = 0.0
+        c.synth.reasoning.persona_path, c.synth.reasoning.fresh_procedural_per_round = str(personas), 0
+        c = _teacher_config(c, srv.base_url, "replay", backoff_s=0.01, max_retries=1)
         res = run_round(c, 1, failures=failures)
         n_requests = srv.request_count()
         rows = read_jsonl(res.reasoning_path)
@@ -135,7 +145,7 @@ def test_seed_file_reports_bad_rows(tmp_path):
 def test_offline_round_via_cli_and_down_teacher(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "data_synth.run", f"--config={ROOT}/configs/synth_tiny.py",
-                          "--round=0", f"--config.runs_dir={tmp_path}", "--config.progress=False"],
+                          "--round=0", f"--config.run_dir={tmp_path}", "--config.verbose=False"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -143,7 +153,6 @@ def test_offline_round_via_cli_and_down_teacher(tmp_path):
     rows = read_jsonl(os.path.join(summary["round_dir"], "reasoning.jsonl"))
     assert all(ReasoningProblem.model_validate(r) for r in rows)
     c = _tiny_config()
-    c.runs_dir, c.progress, c.health_timeout_s = str(tmp_path), False, 0.5
-    c.teachers = {"default": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}, "synthesizer": {}}
+    c.run_dir, c.verbose, c.teachers.health_timeout_s = str(tmp_path), False, 0.5
     with pytest.raises(TeacherUnavailable, match="127.0.0.1:9/v1/models"):
-        run_round(c, 0)
+        run_round(_teacher_config(c, "http://127.0.0.1:9/v1", "m"), 0)

@@ -20,7 +20,7 @@ CASES = [(N_TASKS * GROUP, dict(temperature=1.0), 11), (5, dict(temperature=0.8,
 
 def setup():
     """(config, tokenizer, tasks): identical on every process."""
-    from _train_tiny import action_tokenizer, load_tiny_config, system_prompts
+    from _train_tiny import action_tokenizer, load_tiny_config, run_config, system_prompts
     from agq_jax.envs.worlds.generator import generate_tasks
 
     tasks = generate_tasks(N_TASKS, seed=5)
@@ -31,8 +31,9 @@ def setup():
     cfg = load_tiny_config()
     cfg.model.overrides.update(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                num_key_value_heads=1, head_dim=16)
-    cfg.rollout.update(max_len=256, max_new_tokens_per_turn=3, max_agent_turns=4, max_user_turns=4, chunk_size=64)
-    return cfg, tok, tasks
+    cfg.rollout.update(max_len=256, max_new_tokens_per_turn=3, chunk_size=64)
+    cfg.env.update(max_agent_turns=4, max_user_turns=4)
+    return run_config(cfg), tok, tasks
 
 
 class CountingEnv:
@@ -62,7 +63,7 @@ def run_cases(policy, tasks) -> dict:
     out = {"cases": [], "steps": [], "resets": []}
     items = [Item(kind=AGENTIC, id=t.id, obj=t) for t in tasks]
     for n, sp, seed in CASES:
-        envs = [CountingEnv(make_env(items[(i // GROUP) % len(items)], policy.cfg)) for i in range(n)]
+        envs = [CountingEnv(make_env(items[(i // GROUP) % len(items)], policy.rc.env)) for i in range(n)]
         batch = policy.rollouts(envs, params=SamplingParams(stop_ids=policy.stop_ids, **sp), rng=jax.random.key(seed),
                                 group_ids=[i // GROUP for i in range(n)])
         out["cases"].append([episode_dict(e) for e in batch.episodes])
@@ -83,7 +84,7 @@ def episode_dict(e) -> dict:
 def test_row_offset_key_matches_rows_of_the_whole_draw():
     import jax
 
-    from agq_jax.driver.policy import row_bounds, row_offset_key
+    from agq_jax.rollout.multihost import row_bounds, row_offset_key
 
     assert row_bounds(5, 2) == [(0, 3), (3, 5)] and row_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
     key = jax.random.key(3)
@@ -101,7 +102,8 @@ def test_row_offset_key_matches_rows_of_the_whole_draw():
 def test_two_process_rollouts_equal_one_process(tmp_path):
     procs = start_workers(__file__, tmp_path, devices_per_process=2)
 
-    from agq_jax.driver.policy import Policy, build_model
+    from agq_jax.driver.build import build_model
+    from agq_jax.driver.policy import Policy
     from agq_jax.driver.vocab import SpecialIds
 
     cfg, tok, tasks = setup()
@@ -136,7 +138,8 @@ if __name__ == "__main__":  # one of the two worker processes
     pid, out = init_worker()
     import jax
 
-    from agq_jax.driver.policy import Policy, build_model
+    from agq_jax.driver.build import build_model
+    from agq_jax.driver.policy import Policy
     from agq_jax.driver.vocab import SpecialIds
     from agq_jax.models.sharding import MeshConfig, make_mesh
 

@@ -223,31 +223,28 @@ def test_synthesis_round_with_garbage_teachers_rejects_everything(sglang_server,
     from data_synth.reasoning_problems import generate_seed_set
     from data_synth.run import run_round
 
-    spec = importlib.util.spec_from_file_location("synth_sglang", REPO / "configs" / "synth_sglang.py")
-    cfg_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cfg_mod)
-    config = cfg_mod.get_config()
+    from agq_jax.run_config import RunConfig, load_configdict
+
+    config = load_configdict(str(REPO / "configs" / "synth_sglang.py"))
     personas = tmp_path / "personas.jsonl"
     personas.write_text("".join(json.dumps({"id": f"p{i}", "persona": p}) + "\n" for i, p in enumerate(
         ["A pharmacist who manages prescription refills.", "A travel agent who rebooks cancelled flights."])))
     config.name = "sglang_garbage"
-    config.runs_dir = str(tmp_path / "runs")
-    config.cache_dir = str(tmp_path / "teacher_cache")
-    config.progress = False
-    config.health_timeout_s = 30.0
-    d = config.teachers.default
+    config.run_dir = str(tmp_path / "runs")
+    config.verbose = False
+    t = config.teachers
+    t.cache_dir, t.health_timeout_s = str(tmp_path / "teacher_cache"), 30.0
+    d = t.default
     d.base_url, d.model = sglang_server.base_url + "/v1", SERVED_NAME
     d.max_tokens, d.timeout_s, d.max_retries, d.backoff_s, d.concurrency = 24, 120.0, 1, 0.1, 4
     for role in ("synthesizer", "mock_user", "mock_tool", "judge", "solver"):
-        config.teachers[role].max_tokens = 24  # roles that set their own max_tokens would override the default
-    config.agentic.num_procedural = 0
-    config.agentic.persona_path, config.agentic.num_personas = str(personas), 2
-    config.agentic.max_attempts = 2
-    config.reasoning.num_procedural = 0
-    config.reasoning.max_attempts = 1
+        t[role].max_tokens = 24  # roles that set their own max_tokens would override the default
+    a, r = config.synth.agentic, config.synth.reasoning
+    a.num_procedural, a.persona_path, a.num_personas, a.max_attempts = 0, str(personas), 2, 2
+    r.num_procedural, r.max_attempts = 0, 1
     failed = [p.model_dump() for p in generate_seed_set(2, seed=3, kinds=("arithmetic", "algebra"))]
 
-    res = run_round(config, 0, failures={"reasoning": failed})
+    res = run_round(RunConfig.from_configdict(config), 0, failures={"reasoning": failed})
 
     assert res.mode == "teacher"
     assert (res.n_agentic, res.n_reasoning) == (0, 0)

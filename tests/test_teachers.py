@@ -8,7 +8,7 @@ import time
 import pytest
 
 from data_synth.replay_server import ReplayServer
-from data_synth.teachers import (Endpoint, TeacherClient, TeacherError, TeacherUnavailable, endpoints_from_config,
+from data_synth.teachers import (Endpoint, TeacherClient, TeacherError, TeacherUnavailable, client_from_config,
                                  split_thinking, wait_until_healthy)
 
 
@@ -75,19 +75,45 @@ def test_bounded_concurrency_async_and_threads():
             assert list(ex.map(lambda i: chat([{"role": "user", "content": f"q{i}"}]), range(4))) == ["a"] * 4
 
 
-def test_api_key_from_env_never_in_public_config(monkeypatch):
+def _run_config(**teachers):
+    from agq_jax.run_config import RunConfig, defaults
+
+    c = defaults()
+    for key, value in teachers.items():
+        section, field = key.split("__")
+        c.teachers[section][field] = value
+    return RunConfig.from_configdict(c)
+
+
+def test_run_config_teachers_reach_the_client(monkeypatch, tmp_path):
+    """Every role inherits teachers.default field by field; a role's own value wins; the key is read from the
+    env var the config names and never appears in what is logged; extra solver models become solver roles."""
+    from agq_jax.run_config.core import UnknownKnobError
+
     monkeypatch.setenv("AGQ_TEST_KEY", "sk-secret-123")
-    eps = endpoints_from_config({"default": {"base_url": "http://x/v1", "model": "m", "api_key_env": "AGQ_TEST_KEY"},
-                                 "judge": {"model": "big"}, "synthesizer": {}})
-    assert eps["judge"].model == "big" and eps["synthesizer"].model == "m"
-    assert eps["judge"].api_key() == "sk-secret-123"
-    assert "sk-secret" not in json.dumps(eps["judge"].public()) and "sk-secret" not in repr(eps["judge"])
-    monkeypatch.delenv("AGQ_TEST_KEY")
-    with pytest.raises(TeacherUnavailable, match="AGQ_TEST_KEY"):
-        eps["judge"].api_key()
-    with pytest.raises(ValueError, match="teachers.judge: unknown keys"):
-        endpoints_from_config({"judge": {"base_url": "u", "model": "m", "api_key": "literal"}})
-    assert endpoints_from_config({}) == {}
+    rc = _run_config(default__base_url="http://x/v1", default__model="m", default__api_key_env="AGQ_TEST_KEY",
+                     default__concurrency=3, default__enable_thinking=True, judge__model="big",
+                     judge__temperature=0.0, judge__max_tokens=77, mock_user__timeout_s=9.0).replace(
+        **{"teachers.solver_models": ("s2", "s3")})
+    with client_from_config(rc.teachers, cache_dir=str(tmp_path)) as c:
+        eps = c.endpoints
+        assert sorted(eps) == ["judge", "mock_tool", "mock_user", "solver", "solver/1", "solver/2", "synthesizer"]
+        assert (eps["judge"].model, eps["judge"].temperature, eps["judge"].max_tokens) == ("big", 0.0, 77)
+        assert eps["synthesizer"].model == "m" and eps["synthesizer"].temperature == 0.7  # the default's
+        assert eps["mock_user"].timeout_s == 9.0 and eps["mock_tool"].timeout_s == 120.0
+        assert all(e.concurrency == 3 and e.base_url == "http://x/v1" for e in eps.values())
+        assert eps["judge"].extra_body == {"chat_template_kwargs": {"enable_thinking": True}}
+        assert [eps[r].model for r in rc.teachers.solver_roles()] == ["m", "s2", "s3"]
+        assert eps["judge"].api_key() == "sk-secret-123"
+        assert "sk-secret" not in json.dumps(eps["judge"].public()) and "sk-secret" not in repr(eps["judge"])
+        monkeypatch.delenv("AGQ_TEST_KEY")
+        with pytest.raises(TeacherUnavailable, match="AGQ_TEST_KEY"):
+            eps["judge"].api_key()
+    with pytest.raises(UnknownKnobError, match="teachers.judge.api_key"):
+        _run_config(judge__api_key="literal")
+    with pytest.raises(ValueError, match="teachers.judge: no base_url"):
+        _run_config(judge__model="big").teachers.endpoints()
+    assert client_from_config(_run_config().teachers, cache_dir=str(tmp_path)) is None  # offline
 
 
 def test_down_teacher_fails_fast_with_url():

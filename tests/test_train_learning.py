@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from _train_tiny import action_tokenizer, learning_task, load_tiny_config, system_prompts
+from _train_tiny import action_tokenizer, learning_task, load_tiny_config, run_config, system_prompts
 
 MAX_STEPS = 40
 
@@ -25,11 +25,11 @@ def test_grpo_learns_level0_task(tmp_path):
     tok = action_tokenizer(actions, words, system_prompts([task]))
     cfg = load_tiny_config()
     cfg.run_dir = str(tmp_path / "run")
-    cfg.rl.update(steps_per_round=MAX_STEPS, tasks_per_step=4, group_size=16, mini_batch_size=1)
+    cfg.rl.update(steps_per_round=MAX_STEPS, tasks_per_step=4, group_size=16, mini_batch_tasks=1)
     cfg.checkpoint.every_steps = 1000
     cfg.export.every_round = False
     items = [Item(AGENTIC, task.id, task)]
-    Driver(cfg, tokenizer=tok, train_items=items, heldout_items=[]).run()
+    Driver(run_config(cfg), tokenizer=tok, train_items=items, heldout_items=[]).run()
     recs = [json.loads(l) for l in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
     rewards = [r["metrics"]["rollout/reward_mean"] for r in recs if r["kind"] == "grpo"]
     assert len(rewards) == MAX_STEPS

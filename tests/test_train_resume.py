@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from _train_tiny import action_tokenizer, learning_task, load_tiny_config, system_prompts
+from _train_tiny import action_tokenizer, learning_task, load_tiny_config, run_config, system_prompts
 
 
 def _config(run_dir, kl_coef=0.0):
@@ -15,13 +15,13 @@ def _config(run_dir, kl_coef=0.0):
     cfg.run_dir = run_dir
     cfg.rounds = 1
     cfg.sft.update(enabled=True, rounds="first", steps=2, batch_size=4, learning_rate=3e-3)
-    cfg.rl.update(steps_per_round=3, tasks_per_step=2, group_size=4, mini_batch_size=1, ppo_epochs=2,
+    cfg.rl.update(steps_per_round=3, tasks_per_step=2, group_size=4, mini_batch_tasks=1, ppo_epochs=2,
                   max_refill_batches=1, kl_coef=kl_coef,
                   dynamic_sampling=not kl_coef)  # KL on every group: the re-run step has a non-zero KL
     cfg.eval.update(k=2, greedy_pass1=True, batch_size=8, after_sft=True)
     cfg.checkpoint.update(every_steps=2, keep=2)  # async (load_tiny_config): saves overlap the next rollouts
     cfg.export.every_round = False
-    return cfg
+    return run_config(cfg)
 
 
 def _items():
@@ -30,10 +30,10 @@ def _items():
 
     task, actions, words = learning_task()
     other = generate_task("retail", "refusal", seed=1)
-    cfg = load_tiny_config()
+    env_cfg = run_config(load_tiny_config()).env
     train = [Item(AGENTIC, t.id, t) for t in (task, other)]
     for it in train:
-        it.gold = verify_gold(it, cfg)
+        it.gold = verify_gold(it, env_cfg)
     held = [Item(AGENTIC, t.id, t) for t in (generate_task("retail", "legal", 5, split="heldout"),)]
     prompts = system_prompts([it.obj for it in train + held])
     return action_tokenizer(actions + list(other.gold_replies), words, prompts), train, held

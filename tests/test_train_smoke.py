@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OVERRIDES = [
     "--config.rounds=2", "--config.sft.steps=2", "--config.sft.batch_size=2", "--config.rl.steps_per_round=1",
-    "--config.rl.tasks_per_step=2", "--config.rl.group_size=2", "--config.rl.mini_batch_size=2",
+    "--config.rl.tasks_per_step=2", "--config.rl.group_size=2", "--config.rl.mini_batch_tasks=2",
     "--config.data.heldout_tasks=2", "--config.eval.k=1", "--config.eval.batch_size=4",
-    "--config.rollout.max_len=768", "--config.rollout.max_new_tokens_per_turn=12", "--config.rollout.max_agent_turns=3",
+    "--config.rollout.max_len=768", "--config.rollout.max_new_tokens_per_turn=12", "--config.env.max_agent_turns=3",
     "--config.synth.agentic.num_procedural=4", "--config.synth.agentic.procedural_per_round=1",
     "--config.checkpoint.every_steps=1", "--config.verbose=False",
     "--config.model.overrides.hidden_size=32", "--config.model.overrides.intermediate_size=64",

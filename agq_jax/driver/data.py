@@ -40,17 +40,24 @@ class Item:
         return {"type": REASONING, "problem": self.obj.model_dump(mode="json"), "reward": reward}
 
 
-def make_env(item: Item, cfg):
-    """A fresh step env for `item` (scripted user + state tools offline; python / search tools for reasoning)."""
+def make_env(item: Item, env_cfg, client=None, *, world: str = "configured"):
+    """A fresh step env for `item` in the world of `env_cfg` (the run config's `env` section): its user and
+    tools, with teacher roles answered by `client` (a data_synth TeacherClient; None offline). Reasoning
+    problems get their python / search tools. world="scripted": the offline world whatever the config says
+    (gold replay must be deterministic)."""
     if item.kind == AGENTIC:
         from agq_jax.envs import EpisodeLimits, make_env as make_agentic_env
 
-        limits = EpisodeLimits(max_agent_turns=int(cfg.rollout.max_agent_turns),
-                               max_user_turns=int(cfg.rollout.max_user_turns))
-        return make_agentic_env(item.obj, user="scripted", tools="auto", limits=limits)
+        limits = EpisodeLimits(max_agent_turns=env_cfg.max_agent_turns, max_user_turns=env_cfg.max_user_turns)
+        if world == "scripted":
+            return make_agentic_env(item.obj, user="scripted", tools="auto", limits=limits)
+        user_chat = client.as_callable("mock_user") if client is not None and client.has_role("mock_user") else None
+        tool_chat = client.as_callable("mock_tool") if client is not None and client.has_role("mock_tool") else None
+        return make_agentic_env(item.obj, user=env_cfg.user, tools=env_cfg.tools, limits=limits,
+                                user_chat=user_chat, tool_chat=tool_chat)
     from agq_jax.envs.reasoning import ReasoningLimits, make_reasoning_env
 
-    return make_reasoning_env(item.obj, limits=ReasoningLimits(max_agent_turns=int(cfg.rollout.max_agent_turns)))
+    return make_reasoning_env(item.obj, limits=ReasoningLimits(max_agent_turns=env_cfg.max_agent_turns))
 
 
 def score_env(env) -> tuple[float, dict, dict]:
@@ -84,12 +91,12 @@ def _fraction_expr(expr: str) -> str:
     return re.sub(r"\d+", lambda m: f"F({m.group(0)})", expr)
 
 
-def verify_gold(item: Item, cfg) -> list[str]:
-    """Replay candidate gold replies through a fresh env; keep them only if the episode scores 1.0."""
+def verify_gold(item: Item, env_cfg) -> list[str]:
+    """Replay candidate gold replies through a fresh scripted env; keep them only if the episode scores 1.0."""
     cands = list(item.obj.gold_replies) if item.kind == AGENTIC else reasoning_gold(item.obj)
     if not cands:
         return []
-    env = make_env(item, cfg)
+    env = make_env(item, env_cfg, world="scripted")
     env.reset()
     for i, reply in enumerate(cands):
         res = env.step(reply)
@@ -98,7 +105,7 @@ def verify_gold(item: Item, cfg) -> list[str]:
     return []
 
 
-def load_items(rows: list[dict], kind: str, cfg, *, with_gold: bool = True) -> list[Item]:
+def load_items(rows: list[dict], kind: str, env_cfg, *, with_gold: bool = True) -> list[Item]:
     """Validated items from dataset rows (round_<r>/{agentic,reasoning}.jsonl)."""
     out = []
     for i, row in enumerate(rows):
@@ -115,23 +122,9 @@ def load_items(rows: list[dict], kind: str, cfg, *, with_gold: bool = True) -> l
             raise ValueError(f"{kind} dataset row {i} (id={row.get('id')!r}) is invalid: {str(e)[:300]}") from None
         item = Item(kind, obj.id, obj)
         if with_gold:
-            item.gold = verify_gold(item, cfg)
+            item.gold = verify_gold(item, env_cfg)
         out.append(item)
     return out
-
-
-def synth_config(cfg, run_dir: str):
-    """The data_synth round config of this run: cfg.synth with runs_dir/name pointing into the run dir."""
-    s = cfg.synth.copy_and_resolve_references()
-    with s.unlocked():
-        s.runs_dir = run_dir
-        s.name = "data"
-        s.progress = bool(cfg.get("verbose", True))
-        s.teachers = cfg.teachers if cfg.teachers.get("base_url") else s.get("teachers", {})
-        s.agentic.enabled = float(cfg.data.agentic_weight) > 0
-        s.agentic.domains = tuple(cfg.data.domains or ())   # procedural tasks only of the trained domains
-        s.reasoning.enabled = float(cfg.data.reasoning_weight) > 0
-    return s
 
 
 def _outside_event_loop(fn, *args):
@@ -147,53 +140,51 @@ def _outside_event_loop(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def build_round_dataset(cfg, run_dir: str, round_idx: int, failures: Optional[list[dict]], *,
+def build_round_dataset(rc, round_idx: int, failures: Optional[list[dict]], *, client=None,
                         is_writer: bool = True) -> tuple[list[Item], list[Item], str]:
-    """Build (process 0, once) or load the round's dataset; returns (agentic items, reasoning items, dir)."""
+    """Build (process 0, once, with the run's teacher `client`) or load the round's dataset (the same
+    directory `python -m data_synth.run` writes); returns (agentic items, reasoning items, dir)."""
     from data_synth import run as synth_run
     from data_synth.io_utils import read_jsonl
 
-    scfg = synth_config(cfg, run_dir)
-    rdir = synth_run.round_dir(scfg, round_idx)
+    rdir = synth_run.round_dir(rc, round_idx)
     if not os.path.isfile(os.path.join(rdir, "manifest.json")):
         if not is_writer:
             raise FileNotFoundError(f"{rdir}/manifest.json: process 0 has not built round {round_idx} yet")
-        _outside_event_loop(synth_run.run_round, scfg, round_idx, failures)
-    agentic = load_items(read_jsonl(os.path.join(rdir, "agentic.jsonl")), AGENTIC, cfg)
-    reasoning = load_items(read_jsonl(os.path.join(rdir, "reasoning.jsonl")), REASONING, cfg)
+        _outside_event_loop(synth_run.run_round, rc, round_idx, failures, client)
+    agentic = load_items(read_jsonl(os.path.join(rdir, "agentic.jsonl")), AGENTIC, rc.env)
+    reasoning = load_items(read_jsonl(os.path.join(rdir, "reasoning.jsonl")), REASONING, rc.env)
     return agentic, reasoning, rdir
 
 
-def heldout_items(cfg) -> list[Item]:
+def heldout_items(rc) -> list[Item]:
     """The fixed evaluation set (same tasks every round): held-out-split procedural tasks and problems."""
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
     from data_synth.reasoning_problems import generate_seed_set
 
-    n = int(cfg.data.heldout_tasks)
-    w_a, w_r = float(cfg.data.agentic_weight), float(cfg.data.reasoning_weight)
+    d = rc.data
+    n = d.heldout_tasks
+    w_a, w_r = d.agentic_weight, d.reasoning_weight
     n_r = int(round(n * w_r / (w_a + w_r))) if w_r > 0 else 0
     items = []
     if n - n_r > 0:
-        domains = list(cfg.data.domains) or None
-        tasks = generate_tasks(n - n_r, seed=int(cfg.seed) + 7, domains=domains,
-                               knobs=Knobs(level=int(cfg.synth.agentic.level)), split="heldout")
+        tasks = generate_tasks(n - n_r, seed=rc.seed + 7, domains=list(d.domains) or None,
+                               knobs=Knobs(level=rc.synth.agentic.level), split="heldout")
         items += [Item(AGENTIC, t.id, t) for t in tasks]
     if n_r:
-        items += [Item(REASONING, p.id, p) for p in generate_seed_set(n_r, seed=int(cfg.seed) + 900_001)]
+        items += [Item(REASONING, p.id, p) for p in generate_seed_set(n_r, seed=rc.seed + 900_001)]
     return items
 
 
-def family_counts(cfg, round_idx: int, n: int, have: dict[str, int]) -> dict[str, int]:
+def family_counts(rc, round_idx: int, n: int, have: dict[str, int]) -> dict[str, int]:
     """How many of `n` tasks of a step come from each family (mixed: by weight; staged: one per round)."""
-    w = {AGENTIC: float(cfg.data.agentic_weight) * (have[AGENTIC] > 0),
-         REASONING: float(cfg.data.reasoning_weight) * (have[REASONING] > 0)}
+    d = rc.data
+    w = {AGENTIC: d.agentic_weight * (have[AGENTIC] > 0), REASONING: d.reasoning_weight * (have[REASONING] > 0)}
     if sum(w.values()) <= 0:
         raise ValueError(f"round {round_idx}: no training items for the enabled families ({have})")
-    if cfg.data.schedule == "staged" and all(w.values()):
-        agentic_rounds = max(1, round(int(cfg.rounds) * w[AGENTIC] / sum(w.values())))
+    if d.schedule == "staged" and all(w.values()):
+        agentic_rounds = max(1, round(rc.rounds * w[AGENTIC] / sum(w.values())))
         return {AGENTIC: n, REASONING: 0} if round_idx < agentic_rounds else {AGENTIC: 0, REASONING: n}
-    if cfg.data.schedule not in ("mixed", "staged"):
-        raise ValueError(f"config data.schedule must be 'mixed' or 'staged', got {cfg.data.schedule!r}")
     n_r = int(round(n * w[REASONING] / sum(w.values())))
     return {AGENTIC: n - n_r, REASONING: n_r}
 

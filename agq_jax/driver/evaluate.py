@@ -12,7 +12,7 @@ from collections import Counter
 import jax
 import numpy as np
 
-from agq_jax.driver.data import Item, make_env, score_env
+from agq_jax.driver.data import Item, score_env
 
 
 def _as_task(item: Item):
@@ -31,25 +31,28 @@ def rollout_items(policy, items: list[Item], *, params, rng, batch_size: int, re
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start: start + batch_size]
         rng, sub = jax.random.split(rng)
-        envs = [make_env(items[i], policy.cfg) for i, _ in chunk]
+        envs = [policy.make_env(items[i]) for i, _ in chunk]
         batch = policy.rollouts(envs, params=params, rng=sub, group_ids=[i for i, _ in chunk])
         for (i, _), ep in zip(chunk, batch.episodes):
             out[i].append(ep)
     return out
 
 
-def evaluate(policy, items: list[Item], cfg, *, tag: str) -> dict:
-    """Metrics of the current policy on `items`; returns {"summary", "greedy", "sampled", "flat", "failures"}."""
+def evaluate(policy, items: list[Item], ev, seed: int, *, tag: str) -> dict:
+    """Metrics of the current policy on `items` under `ev` (the run config's `eval` section); the sampling
+    RNG is a function of `seed` alone. Returns {"greedy", "sampled", "flat", "failures", "tag"}."""
     from agq_jax.envs.metrics import summarize
 
-    ks = sorted({1, int(cfg.eval.k)} | ({2} if int(cfg.eval.k) >= 2 else set()))
-    rng = jax.random.key(int(cfg.seed) * 7919 + 17)
+    k = ev.k
+    ks = sorted({1, k} | ({2} if k >= 2 else set()))
+    rng = jax.random.key(seed * 7919 + 17)
     g_rng, s_rng = jax.random.split(rng)
     flat: dict[str, float] = {}
     result: dict = {"tag": tag}
-    bs = int(cfg.eval.batch_size)
+    bs = ev.batch_size
+    greedy_on = ev.greedy_pass1
     terms: Counter = Counter()
-    if cfg.eval.greedy_pass1:
+    if greedy_on:
         greedy = rollout_items(policy, items, params=policy.sampling(greedy=True), rng=g_rng, batch_size=bs)
         g_sum = summarize([(_as_task(it), [e.reward for e in eps]) for it, eps in zip(items, greedy)], ks=(1,))
         result["greedy"] = g_sum
@@ -57,10 +60,9 @@ def evaluate(policy, items: list[Item], cfg, *, tag: str) -> dict:
             flat[f"eval/{grp}/greedy_pass@1"] = st.get("pass@1", 0.0)
             flat[f"eval/{grp}/greedy_reward"] = st["reward_mean"]
         terms.update(e.termination for eps in greedy for e in eps)
-    k = int(cfg.eval.k)
     sampled = []
     if k > 0:
-        sampled = rollout_items(policy, items, params=policy.sampling(temperature=float(cfg.eval.temperature)),
+        sampled = rollout_items(policy, items, params=policy.sampling(temperature=ev.temperature),
                                 rng=s_rng, batch_size=bs, repeats=k)
         s_sum = summarize([(_as_task(it), [e.reward for e in eps]) for it, eps in zip(items, sampled)], ks=ks)
         result["sampled"] = s_sum
@@ -75,7 +77,7 @@ def evaluate(policy, items: list[Item], cfg, *, tag: str) -> dict:
     fails = []
     for idx, it in enumerate(items):
         rewards = [e.reward for e in (sampled[idx] if sampled else [])]
-        if cfg.eval.greedy_pass1:
+        if greedy_on:
             rewards.append(greedy[idx][0].reward)
         if rewards and np.mean(rewards) < 1.0:
             fails.append((it, float(np.mean(rewards))))

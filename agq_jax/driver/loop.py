@@ -20,12 +20,14 @@ import jax
 import numpy as np
 
 from agq_jax.driver import data as D
+from agq_jax.driver.build import build_model, export_hf, loss_temperature, make_mesh, trainer_configs
 from agq_jax.driver.evaluate import episode_for_failure, evaluate, headline
 from agq_jax.driver.logs import MetricsLogger, round_summary
-from agq_jax.driver.policy import Policy, build_model, export_hf, make_mesh
+from agq_jax.driver.policy import Policy
 from agq_jax.driver.sft import build_sft_examples, procedural_sft_examples, sft_batch
 from agq_jax.driver.vocab import SpecialIds, load_run_tokenizer
 from agq_jax.rl.batch import collate
+from agq_jax.run_config import RunConfig, dump
 
 MAX_FAILURES_KEPT = 256
 
@@ -41,45 +43,56 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _check_rl_names(cfg):
+def _check_rl_names(rl):
     """Fail before any work on a misspelt registry name, naming the config key."""
     from agq_jax.rl import algo
 
-    for key, table, kind in (("reward", algo.TRAINING_REWARDS, "training reward"),
-                             ("advantage", algo.ADVANTAGES, "advantage estimator")):
-        name = str(cfg.rl[key])
+    for key, name, table, kind in (("reward", rl.reward, algo.TRAINING_REWARDS, "training reward"),
+                                   ("advantage", rl.advantage, algo.ADVANTAGES, "advantage estimator"),
+                                   ("loss_agg", rl.loss_agg, algo.AGGREGATIONS, "loss aggregation"),
+                                   ("kl_estimator", rl.kl_estimator, algo.KL_ESTIMATORS, "KL estimator")):
         if name not in table:
             raise ValueError(f"config rl.{key}={name!r}: unknown {kind}; registered: {sorted(table)}")
 
 
 class Driver:
-    def __init__(self, cfg, *, stop_after: Optional[int] = None, progress: bool = True, tokenizer=None,
+    def __init__(self, rc: RunConfig, *, stop_after: Optional[int] = None, progress: bool = True, tokenizer=None,
                  train_items: Optional[list] = None, heldout_items: Optional[list] = None):
-        """`tokenizer` (with cfg.tokenizer.kind="procedural") replaces the trained BPE and is saved into the
-        run dir; `train_items` / `heldout_items` replace the flywheel datasets / the held-out set (tests)."""
-        self.cfg = cfg
-        _check_rl_names(cfg)
-        self.run_dir = os.path.abspath(cfg.run_dir or os.path.join("runs", cfg.name))
+        """`rc`: the typed run config (`RunConfig.from_configdict(configdict)`). `tokenizer` (with
+        tokenizer.kind="procedural") replaces the trained BPE and is saved into the run dir; `train_items` /
+        `heldout_items` replace the flywheel datasets / the held-out set (tests)."""
+        if not isinstance(rc, RunConfig):
+            raise TypeError(f"Driver needs an agq_jax.run_config.RunConfig, got {type(rc).__name__} "
+                            f"(convert a ConfigDict with RunConfig.from_configdict)")
+        self.rc = rc
+        _check_rl_names(rc.rl)
+        self.run_dir = rc.resolved_run_dir
         self.is_writer = jax.process_index() == 0
         self.stop_after = stop_after
-        self.progress = progress and bool(cfg.get("verbose", True)) and self.is_writer
+        self.progress = progress and rc.verbose and self.is_writer
         os.makedirs(self.run_dir, exist_ok=True)
+        if self.is_writer:
+            dump(rc, os.path.join(self.run_dir, "config.json"))
         if tokenizer is not None:
-            if cfg.tokenizer.kind != "procedural":
+            if rc.tokenizer.kind != "procedural":
                 raise ValueError("Driver(tokenizer=...) needs config tokenizer.kind='procedural'")
             if self.is_writer and not os.path.isfile(os.path.join(self.run_dir, "tokenizer", "tokenizer.json")):
                 tokenizer.save_pretrained(os.path.join(self.run_dir, "tokenizer"))
         self.train_items = train_items
-        self.tok = tokenizer if tokenizer is not None else load_run_tokenizer(cfg, self.run_dir, is_writer=self.is_writer)
+        self.tok = tokenizer if tokenizer is not None else load_run_tokenizer(rc.tokenizer, self.run_dir,
+                                                                              is_writer=self.is_writer)
         self.ids = SpecialIds.of(self.tok)
-        self.mesh = make_mesh(cfg)
-        self.model = build_model(cfg, self.tok, self.ids, self.mesh)
-        self.policy = Policy(cfg, self.model, self.tok, self.ids, self.mesh)
+        self.mesh = make_mesh(rc)
+        self.model = build_model(rc, self.tok, self.ids, self.mesh)
+        from data_synth.run import teacher_client
+
+        self.teachers = teacher_client(rc)  # None offline; mock user / tools / judge and synthesis share it
+        self.policy = Policy(rc, self.model, self.tok, self.ids, self.mesh,
+                             make_env=lambda item: D.make_env(item, rc.env, self.teachers))
         from agq_jax.rl.checkpoint import CheckpointManager
 
-        ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), max_to_keep=int(ck.keep),
-                                      async_save=bool(ck.async_save))
+        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), max_to_keep=rc.checkpoint.keep,
+                                      async_save=rc.checkpoint.async_save)
         self.trainer = None
         self.phase_kind = None  # "sft" | "grpo": which optimizer the trainer holds
         self.meta = {"round": 0, "phase": "round_start", "sft_step": 0, "grpo_step": 0, "cursors": {},
@@ -88,57 +101,24 @@ class Driver:
         if resume is not None:
             self._restore(resume)
         self.log = MetricsLogger(self.run_dir, enabled=self.is_writer, resume_step=resume if resume is not None else None)
-        self.heldout = heldout_items if heldout_items is not None else D.heldout_items(cfg)
+        self.heldout = heldout_items if heldout_items is not None else D.heldout_items(rc)
 
     # ------------------------------------------------------------------ trainers and checkpoints
     def _make_trainer(self, kind: str):
-        from agq_jax.rl.optim import OptimConfig
-        from agq_jax.rl.step import LossConfig, StepConfig, Trainer
+        from agq_jax.rl.step import Trainer
 
-        c, rl = self.cfg, self.cfg.rl
-        if kind == "sft":
-            s = c.sft
-            optim = OptimConfig(learning_rate=float(s.learning_rate), warmup_steps=int(s.warmup_steps),
-                                decay=str(s.get("decay", "constant")), total_steps=max(int(s.steps), 1),
-                                weight_decay=float(c.optim.weight_decay),
-                                max_grad_norm=float(c.optim.max_grad_norm) if c.optim.max_grad_norm else None)
-            loss = LossConfig(stage="sft", loss_agg=str(s.get("loss_agg", "token-mean")),
-                              logprob_chunk=int(rl.logprob_chunk))
-            steps = StepConfig(ppo_epochs=1, mini_batch_size=None, micro_batch_size=int(s.get("micro_batch_size", 0)) or None,
-                               shuffle=False, seed=int(c.seed))
-        else:
-            o = c.optim
-            total = max(int(rl.steps_per_round) * int(c.rounds) * self._updates_per_step(), 1)
-            optim = OptimConfig(learning_rate=float(o.learning_rate), warmup_steps=int(o.warmup_steps),
-                                decay=str(o.decay), total_steps=total, min_lr_ratio=float(o.min_lr_ratio),
-                                b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay),
-                                max_grad_norm=float(o.max_grad_norm) if o.max_grad_norm else None)
-            loss = LossConfig(stage="grpo", policy_loss=str(rl.policy_loss), clip_low=float(rl.clip_low),
-                              clip_high=float(rl.clip_high), loss_agg=str(rl.loss_agg), kl_coef=float(rl.kl_coef),
-                              kl_estimator=str(rl.kl_estimator), entropy_coef=float(rl.entropy_coef),
-                              temperature=self._loss_temperature(), logprob_chunk=int(rl.logprob_chunk))
-            g = int(rl.group_size)
-            steps = StepConfig(ppo_epochs=int(rl.ppo_epochs), mini_batch_size=int(rl.mini_batch_size) * g,
-                               micro_batch_size=(int(rl.micro_batch_size) or None), shuffle=True, seed=int(c.seed))
-        tr = Trainer(self.model, optim, loss, steps, mesh=self.mesh, seed=int(c.seed) + (0 if kind == "grpo" else 1))
+        tr = Trainer(self.model, *trainer_configs(self.rc, kind), mesh=self.mesh,
+                     seed=self.rc.seed + (0 if kind == "grpo" else 1))
         self.trainer, self.phase_kind = tr, kind
         return tr
-
-    def _updates_per_step(self) -> int:
-        rl = self.cfg.rl
-        return int(rl.ppo_epochs) * max(int(rl.tasks_per_step) // max(int(rl.mini_batch_size), 1), 1)
-
-    def _loss_temperature(self) -> float:
-        rl = self.cfg.rl
-        plain = int(rl.top_k) == 0 and float(rl.top_p) >= 1.0
-        return float(rl.temperature) if plain else 1.0
 
     def _train_padding(self) -> dict:
         """Padding of train batches: every batch to rollout.max_len (one compiled shape), or with
         rollout.train_pad_multiple > 0 to its longest row rounded up to that multiple — a few shapes, but
         attention cost grows with T^2, so short episodes in a long budget train several times faster."""
-        mult = int(self.cfg.rollout.get("train_pad_multiple", 0))
-        return {"pad_to_multiple": mult, "max_len": None} if mult > 0 else {"max_len": int(self.cfg.rollout.max_len)}
+        r = self.rc.rollout
+        mult = r.train_pad_multiple
+        return {"pad_to_multiple": mult, "max_len": None} if mult > 0 else {"max_len": r.max_len}
 
     def _sync_model(self):
         self.model = self.trainer.model()
@@ -185,38 +165,41 @@ class Driver:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         """Run (or resume) every round; returns {"evals": {tag: headline}, "export": path}."""
-        cfg = self.cfg
+        rounds = self.rc.rounds
         export = None
         try:
-            while self.meta["round"] < int(cfg.rounds):
+            while self.meta["round"] < rounds:
                 export = self._run_round(int(self.meta["round"]))
         finally:
             self.ckpt.wait()
             self.log.close()
             self.policy.close()
-        return {"evals": self.meta["evals"], "export": export or self._export_path(int(cfg.rounds) - 1)}
+            if self.teachers is not None:
+                self.teachers.close()
+        return {"evals": self.meta["evals"], "export": export or self._export_path(rounds - 1)}
 
     def _export_path(self, r: int) -> str:
         return os.path.join(self.run_dir, "export", f"round_{r}")
 
     def _sft_this_round(self, r: int) -> bool:
-        s = self.cfg.sft
-        return bool(s.enabled) and int(s.steps) > 0 and (s.rounds == "every" or r == 0)
+        s = self.rc.sft
+        return s.enabled and s.steps > 0 and (s.rounds == "every" or r == 0)
 
     def _run_round(self, r: int) -> str:
-        cfg, m = self.cfg, self.meta
+        rc, m = self.rc, self.meta
         t0 = time.time()
         if self.train_items is not None:
             agentic = [it for it in self.train_items if it.kind == D.AGENTIC]
             reasoning = [it for it in self.train_items if it.kind == D.REASONING]
         else:
             failures = self._read_failures(r)
-            agentic, reasoning, _ = D.build_round_dataset(cfg, self.run_dir, r, failures, is_writer=self.is_writer)
-        if cfg.data.get("accumulate", True) and self.train_items is None:
+            agentic, reasoning, _ = D.build_round_dataset(rc, r, failures, client=self.teachers,
+                                                          is_writer=self.is_writer)
+        if rc.data.accumulate and self.train_items is None:
             for prev in range(r):
-                a, q, _ = D.build_round_dataset(cfg, self.run_dir, prev, None, is_writer=False)
+                a, q, _ = D.build_round_dataset(rc, prev, None, is_writer=False)
                 agentic, reasoning = a + agentic, q + reasoning
-        doms = set(cfg.data.domains or ())
+        doms = set(rc.data.domains)
         if doms:
             agentic = [it for it in agentic if it.obj.domain in doms]
         pools = {D.AGENTIC: agentic, D.REASONING: reasoning}
@@ -229,11 +212,11 @@ class Driver:
         if m["phase"] == "sft":
             self._run_sft(r, agentic + reasoning)
         grpo_rows = self._run_grpo(r, pools)
-        res = evaluate(self.policy, self.heldout, cfg, tag=f"round{r}")
+        res = evaluate(self.policy, self.heldout, rc.eval, rc.seed, tag=f"round{r}")
         m["evals"][f"round{r}"] = headline(res)
         export = self._export_path(r)
-        if self.is_writer and cfg.export.every_round:
-            export_hf(self.model, cfg, self.run_dir, export)
+        if self.is_writer and (rc.export.every_round or r == rc.rounds - 1):
+            export_hf(self.model, rc, self.run_dir, export)
         self._write_failures(r + 1, pools)
         self._tick()
         self.log.log("eval", m["global_step"], res["flat"], round=r, tag=f"round{r}")
@@ -259,26 +242,23 @@ class Driver:
 
     # ------------------------------------------------------------------ SFT
     def _run_sft(self, r: int, items: list[D.Item]):
-        cfg, m = self.cfg, self.meta
-        s = cfg.sft
-        source = str(s.get("data", "round"))
-        if source not in ("round", "procedural"):
-            raise ValueError(f"config sft.data must be 'round' or 'procedural', got {source!r}")
-        examples = (build_sft_examples(items, self.tok, self.ids, cfg, max_len=int(cfg.rollout.max_len))
-                    if source == "round" else None)
+        rc, m = self.rc, self.meta
+        s = rc.sft
+        source = s.data
+        examples = build_sft_examples(items, self.tok, self.ids, rc) if source == "round" else None
         if source == "round" and not examples:
             raise RuntimeError(f"round {r}: SFT is enabled but no item has verified gold replies that fit "
-                               f"rollout.max_len={cfg.rollout.max_len}")
+                               f"rollout.max_len={rc.rollout.max_len}")
         if self.phase_kind != "sft":
             self._make_trainer("sft")
-        bar = self._bar(int(s.steps), m["sft_step"], f"round {r} SFT")
-        while m["sft_step"] < int(s.steps):
+        bar = self._bar(s.steps, m["sft_step"], f"round {r} SFT")
+        while m["sft_step"] < s.steps:
             t = time.time()
             if source == "round":
-                batch = sft_batch(examples, m["sft_step"], int(s.batch_size), int(cfg.seed), r, self.ids.pad,
+                batch = sft_batch(examples, m["sft_step"], s.batch_size, rc.seed, r, self.ids.pad,
                                   **self._train_padding())
             else:
-                rows = procedural_sft_examples(cfg, self.tok, self.ids, r, m["sft_step"], int(s.batch_size))
+                rows = procedural_sft_examples(rc, self.tok, self.ids, r, m["sft_step"], s.batch_size)
                 batch = collate(rows, self.ids.pad, **self._train_padding())
             stats = self.trainer.train_batch(self.trainer.local_rows(batch), stage="sft")
             m["sft_step"] += 1
@@ -289,30 +269,31 @@ class Driver:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.get('sft/loss', float('nan')):.3f}")
-            if m["sft_step"] % int(cfg.checkpoint.every_steps) == 0 or m["sft_step"] == int(s.steps):
+            if m["sft_step"] % rc.checkpoint.every_steps == 0 or m["sft_step"] == s.steps:
                 self._save()
             self._maybe_stop()
         if bar is not None:
             bar.close()
         self._sync_model()
-        if cfg.eval.get("after_sft", True):
-            res = evaluate(self.policy, self.heldout, cfg, tag=f"round{r}_sft")
+        after_sft = rc.eval.after_sft
+        if after_sft:
+            res = evaluate(self.policy, self.heldout, rc.eval, rc.seed, tag=f"round{r}_sft")
             m["evals"][f"round{r}_sft"] = headline(res)
             self._sft_eval = (r, res)
         self._make_trainer("grpo")
         m.update(phase="grpo", grpo_step=0, cursors={})
         self._tick()
-        if cfg.eval.get("after_sft", True):
+        if after_sft:
             self.log.log("eval", m["global_step"], res["flat"], round=r, tag=f"round{r}_sft")
         self._save()
         self._maybe_stop()
 
     # ------------------------------------------------------------------ GRPO
     def _run_grpo(self, r: int, pools: dict) -> list[dict]:
-        cfg, m = self.cfg, self.meta
-        n_steps = int(cfg.rl.steps_per_round)
+        rc, m = self.rc, self.meta
+        n_steps = rc.rl.steps_per_round
         have = {k: len(v) for k, v in pools.items()}
-        streams = {k: D.TaskStream(v, int(cfg.seed), r, salt=i) for i, (k, v) in enumerate(pools.items()) if v}
+        streams = {k: D.TaskStream(v, rc.seed, r, salt=i) for i, (k, v) in enumerate(pools.items()) if v}
         rows = []
         bar = self._bar(n_steps, m["grpo_step"], f"round {r} GRPO")
         while m["grpo_step"] < n_steps:
@@ -326,7 +307,7 @@ class Driver:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", zv=f"{stats['grpo/zero_variance_frac']:.2f}")
-            if m["grpo_step"] % int(cfg.checkpoint.every_steps) == 0:
+            if m["grpo_step"] % rc.checkpoint.every_steps == 0:
                 self._save()
             self._maybe_stop()
         if bar is not None:
@@ -334,7 +315,7 @@ class Driver:
         return rows
 
     def _draw(self, r: int, streams: dict, have: dict, n: int) -> list[D.Item]:
-        counts = D.family_counts(self.cfg, r, n, have)
+        counts = D.family_counts(self.rc, r, n, have)
         cur = self.meta["cursors"]
         out = []
         for fam, k in counts.items():
@@ -348,15 +329,15 @@ class Driver:
         from agq_jax.rl import algo
         from agq_jax.rollout import RolloutBatch, pack_episodes
 
-        cfg, rl = self.cfg, self.cfg.rl
-        g, need = int(rl.group_size), int(rl.tasks_per_step)
+        rl = self.rc.rl
+        g, need = rl.group_size, rl.tasks_per_step
         params = self.policy.sampling()
         t_roll = time.time()
         valid, dropped, all_eps, fams, n_groups = [], [], [], [], 0
         ask, refills = need, 0
         while True:
             items = self._draw(r, streams, have, ask)
-            envs = [D.make_env(it, cfg) for it in items for _ in range(g)]
+            envs = [self.policy.make_env(it) for it in items for _ in range(g)]
             batch = self.policy.rollouts(envs, params=params, rng=self.trainer.split_rng(),
                                          group_ids=[i for i in range(len(items)) for _ in range(g)])
             all_eps += batch.episodes
@@ -366,10 +347,10 @@ class Driver:
                 rewards = np.asarray([e.reward for e in eps], np.float32)
                 n_groups += 1
                 self._note_failure(it, eps, rewards)
-                shaped = np.asarray(algo.training_reward(str(rl.reward), rewards))
+                shaped = np.asarray(algo.training_reward(rl.reward, rewards))
                 keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(shaped[None])[0])
                 (valid if keep else dropped).append(eps)
-            if len(valid) >= need or refills >= int(rl.max_refill_batches) or not rl.dynamic_sampling:
+            if len(valid) >= need or refills >= rl.max_refill_batches or not rl.dynamic_sampling:
                 break
             refills += 1  # a refill is a full batch again: one sampler shape, no recompiles
         t_roll = time.time() - t_roll
@@ -378,11 +359,11 @@ class Driver:
         groups += dropped[:need - len(groups)]  # fill with zero-variance groups, loss-masked below
         eps = [e for grp in groups for e in grp]
         packed = pack_episodes(eps, pad_id=self.ids.pad, **self._train_padding(),
-                               logprob_source="sampling" if self._loss_temperature() != 1.0 else "policy")
-        rewards = np.asarray(algo.training_reward(str(rl.reward), packed["rewards"])).reshape(len(groups), g)
-        kw = {"std_normalize": bool(rl.std_normalize)} if str(rl.advantage) == "grpo" else {}
-        adv = np.array(algo.compute_advantages(rewards, str(rl.advantage), **kw), np.float32)
-        adv = np.array(algo.weight_negative_advantages(adv, float(rl.negative_weight)), np.float32)  # 1.0: unchanged
+                               logprob_source="sampling" if loss_temperature(rl) != 1.0 else "policy")
+        rewards = np.asarray(algo.training_reward(rl.reward, packed["rewards"])).reshape(len(groups), g)
+        kw = {"std_normalize": rl.std_normalize} if rl.advantage == "grpo" else {}
+        adv = np.array(algo.compute_advantages(rewards, rl.advantage, **kw), np.float32)
+        adv = np.array(algo.weight_negative_advantages(adv, rl.negative_weight), np.float32)  # 1.0: unchanged
         adv[n_valid:] = 0.0
         loss_mask = packed["loss_mask"].copy()
         loss_mask[n_valid * g:] = 0.0
@@ -415,7 +396,7 @@ class Driver:
     def _note_failure(self, item: D.Item, eps, rewards: np.ndarray):
         failed = self.meta["failed"]
         mean = float(rewards.mean())
-        if mean >= float(self.cfg.get("flywheel", {}).get("failure_threshold", 1.0)):
+        if mean >= self.rc.flywheel.failure_threshold:
             failed.pop(item.id, None)
             return
         worst = eps[int(np.argmin(rewards))]

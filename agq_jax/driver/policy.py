@@ -1,90 +1,17 @@
-"""The policy side of the driver: model construction from the config, the sampler, rollouts, HF export.
+"""The policy side of the driver: the sampler of the live model and its rollouts.
 
-Multi-host rollouts (`Policy.rollouts` when `jax.process_count() > 1`). Every process builds the same envs
-from the same items; process p resets and steps only the contiguous slice `row_bounds(n, P)[p]` of them,
-then the finished episodes are gathered so every process returns the same full `RolloutBatch`, in env order.
-- Sampling runs process-locally: the driver's mesh spans all hosts, but episodes end at different turns on
-  different hosts, so a global program would force every host to run every turn's decode in lockstep.
-  The weights are replicated once per model version over the global mesh (one on-device all-gather, a
-  jitted identity with a replicated output sharding), then each process views its copy on its local devices:
-  one device -> no mesh; several -> a local data-parallel mesh over `jax.local_devices()`. (A model that
-  does not fit one device needs a tensor-parallel local mesh here; not done yet.)
-- RNG: the sampler draws each token from one `[B, W]` Gumbel array per decode step. With JAX's
-  partitionable threefry (the default) element (row, j) of that draw depends only on (key, row * W + j),
-  so process p decodes its rows with a key of a row-offset PRNG implementation (`row_offset_key`): same
-  threefry key, counters shifted by `start * W`. Every row then gets exactly the noise it gets in a
-  one-process run of the whole batch: results do not depend on the number of processes, one process keeps
-  today's bit-exact results, and no process generates noise for rows it does not own.
-- Gather (`jax.experimental.multihost_utils.process_allgather`): token ids, loss masks and both log-prob
-  streams as `[rows_max, T_max]` arrays padded per process, plus the small per-episode metadata (reward and
-  components, gates, termination, turn spans and finish reasons, the env record's dict) as JSON bytes.
-  A process keeps its own `Episode` objects; others' are rebuilt (records via their `from_dict` / fields).
-With one process `rollouts` is exactly the single-process call (no copies, no collectives).
+Rollouts decode `rollout.decode_batch_size` episodes at a time (all of them with 0): a batch's KV cache is
+what bounds rollout memory at scale, so the compile-ahead tool sizes it per layout. Each batch's sampling
+noise is drawn with a row-offset key (rollout.multihost.row_offset_key), so an episode gets the same noise
+whatever the batching or the number of processes.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
-import shutil
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from agq_jax.driver.vocab import SpecialIds
-
-
-def model_config(cfg, tok, ids: SpecialIds):
-    """Qwen3Config from cfg.model (preset + overrides); a procedural vocabulary sets the vocab and token ids."""
-    from agq_jax.models.config import PRESETS, Qwen3Config
-
-    m = cfg.model
-    if m.preset and m.preset not in PRESETS:
-        raise ValueError(f"config model.preset={m.preset!r} is not one of {sorted(PRESETS)}")
-    base = PRESETS[m.preset] if m.preset else Qwen3Config()
-    fields = {f.name for f in dataclasses.fields(Qwen3Config)}
-    over = dict(m.overrides)
-    bad = sorted(set(over) - fields)
-    if bad:
-        raise ValueError(f"config model.overrides has unknown Qwen3Config fields {bad}")
-    over.update(remat=m.remat, attention_impl=m.attention_impl, moe_impl=m.moe_impl)
-    if cfg.tokenizer.kind == "procedural":
-        over.update(vocab_size=-(-len(tok) // 64) * 64, bos_token_id=None, eos_token_id=(ids.im_end, ids.endoftext),
-                    pad_token_id=ids.pad, torch_dtype="float32")
-    for k in ("eos_token_id", "mlp_only_layers"):
-        if isinstance(over.get(k), list):
-            over[k] = tuple(over[k])
-    return dataclasses.replace(base, **over)
-
-
-def build_model(cfg, tok, ids: SpecialIds, mesh=None):
-    """Random init of cfg.model (seeded by cfg.seed) or the HF checkpoint at cfg.model.hf_path."""
-    from agq_jax.models import qwen3
-
-    dtype, pdtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
-    if cfg.model.hf_path:
-        return qwen3.from_pretrained(cfg.model.hf_path, dtype=dtype, mesh=mesh, param_dtype=pdtype)
-    mcfg = model_config(cfg, tok, ids)
-    make = lambda: qwen3.Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(int(cfg.seed)), dtype=dtype, param_dtype=pdtype)  # noqa: E731
-    if mesh is None:
-        return make()
-    from agq_jax.models import sharding
-
-    return sharding.create_sharded_model(make, mesh)
-
-
-def make_mesh(cfg):
-    """The training mesh, or None on a single device / when cfg.mesh.enabled is off."""
-    if not cfg.mesh.get("enabled", True) or jax.device_count() == 1:
-        return None
-    from agq_jax.models import sharding
-
-    m = cfg.mesh
-    return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert))
-
+from agq_jax.rollout import multihost
 
 _SAMPLERS: dict = {}
 
@@ -109,32 +36,38 @@ def shared_sampler(model, *, mesh, pad_id: int, chunk_size: int):
 class Policy:
     """Samples episodes from the live model: `policy.model` is swapped in after every train step."""
 
-    def __init__(self, cfg, model, tok, ids: SpecialIds, mesh=None):
+    def __init__(self, rc, model, tok, ids: SpecialIds, mesh=None, *, make_env=None):
+        """`make_env(item) -> env` builds the env of a task item (the driver's, bound to its world)."""
         from agq_jax.rollout import RolloutConfig
 
-        self.cfg, self.model, self.tok, self.ids, self.mesh = cfg, model, tok, ids, mesh
-        self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=int(cfg.rollout.get("chunk_size", 256)))
-        r = cfg.rollout
-        self.rollout_cfg = RolloutConfig(max_len=int(r.max_len),
-                                         max_new_tokens_per_turn=int(r.max_new_tokens_per_turn) or None,
-                                         max_turns=int(r.max_agent_turns) + 1, enable_thinking=bool(r.enable_thinking),
-                                         max_workers=int(r.max_workers))
+        self.rc, self.model, self.tok, self.ids, self.mesh = rc, model, tok, ids, mesh
+        self.make_env = make_env
+        r = rc.rollout
+        self.chunk_size = r.chunk_size
+        self.decode_batch = r.decode_batch_size
+        self.max_workers = r.max_workers
+        self.stop_ids = (ids.im_end, ids.tool_call_end) if r.stop_on_tool_call else (ids.im_end,)
+        self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=self.chunk_size)
+        self.rollout_cfg = RolloutConfig(max_len=r.max_len, max_new_tokens_per_turn=r.max_new_tokens_per_turn or None,
+                                         max_response_tokens=r.max_response_tokens or None,
+                                         max_turns=rc.env.max_agent_turns + 1, enable_thinking=r.enable_thinking,
+                                         max_workers=r.max_workers)
+        rl = rc.rl
+        self._train_sampling = dict(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
         self._pool = None
         self._local = None  # (model, sampler, weights) of the multi-host path
         self._local_mesh = False  # not built yet (None = one local device)
 
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        return (self.ids.im_end, self.ids.tool_call_end) if self.cfg.rollout.stop_on_tool_call else (self.ids.im_end,)
-
     def sampling(self, *, greedy: bool = False, temperature: float | None = None):
+        """The training sampling params (rl.temperature / top_p / top_k), greedy, or those at `temperature`."""
         from agq_jax.rollout import SamplingParams
 
-        rl = self.cfg.rl
         if greedy:
             return SamplingParams(temperature=0.0, stop_ids=self.stop_ids)
-        t = float(rl.temperature if temperature is None else temperature)
-        return SamplingParams(temperature=t, top_p=float(rl.top_p), top_k=int(rl.top_k), stop_ids=self.stop_ids)
+        kw = dict(self._train_sampling)
+        if temperature is not None:
+            kw["temperature"] = float(temperature)
+        return SamplingParams(stop_ids=self.stop_ids, **kw)
 
     def rollouts(self, envs, *, params, rng, group_ids):
         """Run one episode per env; with several processes each runs its slice and all get every episode."""
@@ -142,16 +75,25 @@ class Policy:
             return self._multihost_rollouts(envs, params=params, rng=rng, group_ids=group_ids)
         return self._run(self.sampler, self.model, envs, params=params, rng=rng, group_ids=group_ids)
 
-    def _run(self, sampler, model, envs, *, params, rng, group_ids):
+    def _run(self, sampler, model, envs, *, params, rng, group_ids, row0: int = 0):
+        """Episodes of `envs` in decode batches; `row0` is the first env's row in the whole batch (RNG)."""
         import concurrent.futures as cf
 
         from agq_jax.driver.data import score_env
-        from agq_jax.rollout import run_rollouts
+        from agq_jax.rollout import RolloutBatch, run_rollouts
 
         if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(max_workers=int(self.cfg.rollout.max_workers))
-        return run_rollouts(sampler, model, envs, self.tok, params=params, config=self.rollout_cfg,
-                            rng=rng, group_ids=group_ids, score_fn=score_env, executor=self._pool)
+            self._pool = cf.ThreadPoolExecutor(max_workers=self.max_workers)
+        step = self.decode_batch or max(len(envs), 1)
+        episodes = []
+        for start in range(0, len(envs), step):
+            stop = min(start + step, len(envs))
+            key = multihost.row_offset_key(rng, row0 + start)
+            batch = run_rollouts(sampler, model, envs[start:stop], self.tok, params=params, config=self.rollout_cfg,
+                                 rng=key, group_ids=list(group_ids)[start:stop], score_fn=score_env,
+                                 executor=self._pool)
+            episodes += batch.episodes
+        return RolloutBatch(episodes, pad_id=self.ids.pad)
 
     def _multihost_rollouts(self, envs, *, params, rng, group_ids):
         from agq_jax.rollout import RolloutBatch
@@ -159,23 +101,23 @@ class Policy:
         n, group_ids = len(envs), list(group_ids)
         if len(group_ids) != n:
             raise ValueError(f"Policy.rollouts: {len(group_ids)} group_ids for {n} envs")
-        bounds = row_bounds(n, jax.process_count())
+        bounds = multihost.row_bounds(n, jax.process_count())
         start, stop = bounds[jax.process_index()]
         sampler, state = self._local_sampler()  # collective (weight replication): every process calls it
         local = []
         if stop > start:
-            local = self._run(sampler, state, envs[start:stop], params=params, rng=row_offset_key(rng, start),
-                              group_ids=group_ids[start:stop]).episodes
-        return RolloutBatch(gather_episodes(local, bounds), pad_id=self.ids.pad)
+            local = self._run(sampler, state, envs[start:stop], params=params, rng=rng,
+                              group_ids=group_ids[start:stop], row0=start).episodes
+        return RolloutBatch(multihost.gather_episodes(local, bounds), pad_id=self.ids.pad)
 
     def _local_sampler(self):
         """(sampler on this process's devices, the current weights there); weights re-copied per model version."""
         if self._local is None or self._local[0] is not self.model:
             if self._local_mesh is False:
-                self._local_mesh = local_mesh()
-            state = local_state(self.model, self.mesh, self._local_mesh)
+                self._local_mesh = multihost.local_mesh()
+            state = multihost.local_state(self.model, self.mesh, self._local_mesh)
             sampler = shared_sampler(self.model, mesh=self._local_mesh, pad_id=self.ids.pad,
-                                     chunk_size=int(self.cfg.rollout.get("chunk_size", 256)))
+                                     chunk_size=self.chunk_size)
             self._local = (self.model, sampler, state)
         return self._local[1], self._local[2]
 
@@ -184,189 +126,3 @@ class Policy:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._local = None
-
-
-# ---------------------------------------------------------------------------------------- multi-host
-def row_bounds(n: int, processes: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) env rows of each process (the first n % P processes get one more)."""
-    base, extra = divmod(n, processes)
-    out, start = [], 0
-    for p in range(processes):
-        stop = start + base + (p < extra)
-        out.append((start, stop))
-        start = stop
-    return out
-
-
-def local_mesh():
-    """None on one local device, else a data-parallel mesh over this process's devices (weights replicated)."""
-    devs = jax.local_devices()
-    if len(devs) == 1:
-        return None
-    from agq_jax.models import sharding
-
-    return sharding.make_mesh(sharding.MeshConfig(data=len(devs), fsdp=1, tensor=1, expert=1), devices=devs)
-
-
-def local_state(model, mesh, lmesh):
-    """The model's weights as arrays on this process's devices (replicated), from a global-mesh model."""
-    state = nnx.state(model)
-    leaves = jax.tree.leaves(state)
-    if all(x.is_fully_addressable for x in leaves):
-        return state if lmesh is None else jax.device_put(state, jax.sharding.NamedSharding(lmesh, jax.sharding.PartitionSpec()))
-    if mesh is None:
-        raise ValueError("local_state: the weights span processes but no global mesh was given")
-    rep = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
-
-    def view(x):
-        shards = x.addressable_shards
-        if lmesh is None:
-            return shards[0].data
-        return jax.make_array_from_single_device_arrays(
-            x.shape, jax.sharding.NamedSharding(lmesh, jax.sharding.PartitionSpec()), [s.data for s in shards])
-
-    return jax.tree.map(view, rep)
-
-
-_OFFSET_IMPLS: dict = {}
-
-
-def _offset_impl(offset: int):
-    """Threefry with counters shifted by `offset` rows: `random_bits(key, w, (B, *rest))` equals rows
-    [offset, offset + B) of the plain threefry draw of any larger leading dim (partitionable threefry)."""
-    if offset in _OFFSET_IMPLS:
-        return _OFFSET_IMPLS[offset]
-    from jax.extend.random import define_prng_impl, threefry2x32_p, threefry_prng_impl as fry
-
-    def random_bits(key, bit_width, shape):
-        if bit_width not in (8, 16, 32, 64):
-            raise TypeError(f"random_bits: bit width {bit_width} not in 8/16/32/64")
-        if not shape:
-            return fry.random_bits(key, bit_width, shape)
-        size = math.prod(shape)
-        first = offset * (size // shape[0])
-        if size > 2**32:
-            raise NotImplementedError(f"row-offset random bits of {size} elements (> 2**32)")
-        lo = jax.lax.iota(jnp.uint32, size).reshape(shape) + jnp.uint32(first & 0xFFFFFFFF)  # wraps mod 2**32
-        hi = jnp.uint32(first >> 32) + (lo < jnp.uint32(first & 0xFFFFFFFF)).astype(jnp.uint32)
-        hi = jnp.broadcast_to(hi, shape)
-        b1, b2 = threefry2x32_p.bind(key[0], key[1], hi, lo)
-        if bit_width == 64:
-            return (b1.astype(jnp.uint64) << jnp.uint64(32)) | b2.astype(jnp.uint64)
-        bits = b1 ^ b2
-        return bits if bit_width == 32 else bits.astype(jnp.uint16 if bit_width == 16 else jnp.uint8)
-
-    impl = define_prng_impl(key_shape=(2,), seed=fry.seed, split=fry.split, random_bits=random_bits,
-                            fold_in=fry.fold_in, name=f"threefry2x32_rows+{offset}", tag=f"fry+{offset}")
-    _OFFSET_IMPLS[offset] = impl
-    return impl
-
-
-def row_offset_key(rng, offset: int):
-    """`rng` for a slice of a batch starting at row `offset`: every random draw shaped (rows, ...) of the
-    slice equals the matching rows of the whole batch's draw (see the module docstring). Offset 0 is `rng`."""
-    if offset == 0:
-        return rng
-    if not jax.config.jax_threefry_partitionable:
-        raise RuntimeError("multi-process rollouts need jax_threefry_partitionable=True (JAX's default)")
-    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    if typed and str(jax.random.key_impl(rng)) != "threefry2x32":
-        raise ValueError(f"multi-process rollouts need a threefry2x32 key, got {jax.random.key_impl(rng)}")
-    data = jax.random.key_data(rng) if typed else jnp.asarray(rng, jnp.uint32)
-    if data.shape != (2,):
-        raise ValueError(f"row_offset_key: expected one key (key data shape (2,)), got {data.shape}")
-    return jax.random.wrap_key_data(data, impl=_offset_impl(int(offset)))
-
-
-_ARRAYS = (("token_ids", np.int32), ("loss_mask", np.int32), ("logprobs", np.float32), ("sample_logprobs", np.float32))
-
-
-def _record_to_json(rec):
-    if rec is None:
-        return None
-    from agq_jax.envs.reasoning import ReasoningRecord
-    from agq_jax.envs.runtime import EpisodeRecord
-
-    kind = {EpisodeRecord: "agentic", ReasoningRecord: "reasoning"}.get(type(rec))
-    if kind is None:
-        raise TypeError(f"gather_episodes: cannot send an episode record of type {type(rec).__name__}")
-    return {"kind": kind, "data": rec.to_dict()}
-
-
-def _record_from_json(d):
-    if d is None:
-        return None
-    from agq_jax.envs.reasoning import ReasoningRecord
-    from agq_jax.envs.runtime import EpisodeRecord
-
-    return EpisodeRecord.from_dict(d["data"]) if d["kind"] == "agentic" else ReasoningRecord(**d["data"])
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"gather_episodes: episode metadata value of type {type(x).__name__} is not JSON-able")
-
-
-def _allgather(x: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x))
-
-
-def gather_episodes(local: list, bounds: list[tuple[int, int]]) -> list:
-    """Every process's episodes (its rows `bounds[p]`), on every process, in global row order (collective)."""
-    from agq_jax.rollout.multiturn import Episode
-
-    me = jax.process_index()
-    if len(local) != bounds[me][1] - bounds[me][0]:
-        raise ValueError(f"gather_episodes: {len(local)} local episodes for rows {bounds[me]}")
-    rows = max(b - a for a, b in bounds)
-    lens = np.zeros((rows,), np.int32)
-    lens[:len(local)] = [len(e.token_ids) for e in local]
-    meta = json.dumps([{"task_id": e.task_id, "group_id": e.group_id, "prompt_len": e.prompt_len,
-                        "turn_spans": e.turn_spans, "num_turns": e.num_turns, "termination": e.termination,
-                        "overlong": e.overlong, "reward": e.reward, "reward_components": e.reward_components,
-                        "reward_gates": e.reward_gates, "turn_finish": e.turn_finish,
-                        "record": _record_to_json(e.record)} for e in local], default=_json_default).encode()
-    all_lens = _allgather(lens)  # [P, rows]
-    meta_lens = _allgather(np.asarray([len(meta)], np.int64))[:, 0]
-    t = max(int(all_lens.max()), 1)
-    buf = np.zeros((int(meta_lens.max()),), np.uint8)
-    buf[:len(meta)] = np.frombuffer(meta, np.uint8)
-    arrays = {}
-    for name, dtype in _ARRAYS:
-        a = np.zeros((rows, t), dtype)
-        for i, e in enumerate(local):
-            a[i, :len(e.token_ids)] = getattr(e, name)
-        arrays[name] = a
-    metas = _allgather(buf)
-    arrays = {name: _allgather(a) for name, a in arrays.items()}
-    out = []
-    for p, (a, b) in enumerate(bounds):
-        if p == me:
-            out += local
-            continue
-        infos = json.loads(bytes(metas[p, :int(meta_lens[p])]).decode())
-        for i, info in enumerate(infos):
-            k = int(all_lens[p, i])
-            seq = {name: arrays[name][p, i, :k].tolist() for name, _ in _ARRAYS}
-            out.append(Episode(task_id=info["task_id"], group_id=info["group_id"], prompt_len=info["prompt_len"],
-                               turn_spans=[tuple(s) for s in info["turn_spans"]], num_turns=info["num_turns"],
-                               termination=info["termination"], overlong=info["overlong"], reward=info["reward"],
-                               reward_components=info["reward_components"], reward_gates=info["reward_gates"],
-                               turn_finish=info["turn_finish"], record=_record_from_json(info["record"]), **seq))
-        if len(infos) != b - a:
-            raise RuntimeError(f"gather_episodes: process {p} sent {len(infos)} episodes for rows [{a}, {b})")
-    return out
-
-
-def export_hf(model, cfg, run_dir: str, out_dir: str) -> str:
-    """HF directory (safetensors + config + the run's tokenizer files) that transformers loads."""
-    from agq_jax.models import qwen3
-
-    tok_dir = os.path.join(run_dir, "tokenizer") if cfg.tokenizer.kind == "procedural" else None
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    qwen3.save_pretrained(model, out_dir, tokenizer_dir=tok_dir, max_shard_bytes=int(cfg.export.max_shard_bytes))
-    return out_dir

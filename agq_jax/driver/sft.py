@@ -15,12 +15,14 @@ from agq_jax.driver.data import Item, make_env
 from agq_jax.driver.vocab import SpecialIds
 
 
-def expert_sequence(item: Item, tok, ids: SpecialIds, cfg, *, stop_on_tool_call: bool = True) -> dict | None:
-    """{token_ids, loss_mask} of the item's gold episode, or None without verified gold replies."""
+def expert_sequence(item: Item, tok, ids: SpecialIds, rc) -> dict | None:
+    """{token_ids, loss_mask} of the item's gold episode (replayed in the scripted world), or None without
+    verified gold replies."""
     if not item.gold:
         return None
-    thinking = bool(cfg.rollout.enable_thinking)
-    env = make_env(item, cfg)
+    thinking = rc.rollout.enable_thinking
+    stop_on_tool_call = rc.rollout.stop_on_tool_call
+    env = make_env(item, rc.env, world="scripted")
     msgs = env.reset()
     tools = None if getattr(env, "embed_tools", False) else (getattr(env, "tool_schemas", None) or None)
     token_ids = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=thinking)
@@ -41,29 +43,26 @@ def expert_sequence(item: Item, tok, ids: SpecialIds, cfg, *, stop_on_tool_call:
     return {"token_ids": token_ids, "loss_mask": mask, "task_id": item.id}
 
 
-def build_sft_examples(items: list[Item], tok, ids: SpecialIds, cfg, *, max_len: int) -> list[dict]:
-    """Expert sequences of every item with gold replies that fit in `max_len` tokens.
+def build_sft_examples(items: list[Item], tok, ids: SpecialIds, rc) -> list[dict]:
+    """Expert sequences of every item with gold replies that fit in rollout.max_len tokens.
 
-    cfg.sft.loss_on: "policy" (default) trains on the agent's tokens only; "all" also on the system prompt,
+    sft.loss_on: "policy" (default) trains on the agent's tokens only; "all" also on the system prompt,
     user and tool turns — a warm start for a randomly initialised model, which must first learn the worlds'
     language (tool responses repeat ids from the calls: several times the copying signal per sequence)."""
     out = []
     for item in items:
-        ex = _training_example(item, tok, ids, cfg, max_len)
+        ex = _training_example(item, tok, ids, rc)
         if ex is not None:
             out.append(ex)
     return out
 
 
-def _training_example(item: Item, tok, ids: SpecialIds, cfg, max_len: int) -> dict | None:
-    """The item's expert sequence with cfg.sft.loss_on applied, or None (no gold / longer than max_len)."""
-    loss_on = str(cfg.sft.get("loss_on", "policy"))
-    if loss_on not in ("policy", "all"):
-        raise ValueError(f"config sft.loss_on must be 'policy' or 'all', got {loss_on!r}")
-    ex = expert_sequence(item, tok, ids, cfg, stop_on_tool_call=bool(cfg.rollout.stop_on_tool_call))
-    if ex is None or len(ex["token_ids"]) > max_len:
+def _training_example(item: Item, tok, ids: SpecialIds, rc) -> dict | None:
+    """The item's expert sequence with sft.loss_on applied, or None (no gold / longer than rollout.max_len)."""
+    ex = expert_sequence(item, tok, ids, rc)
+    if ex is None or len(ex["token_ids"]) > rc.rollout.max_len:
         return None
-    if loss_on == "all":
+    if rc.sft.loss_on == "all":
         ex["loss_mask"] = [0] + [1] * (len(ex["token_ids"]) - 1)
     return ex
 
@@ -81,8 +80,8 @@ def sft_batch(examples: list[dict], step: int, batch_size: int, seed: int, round
     return collate(rows, pad_id, pad_to_multiple=pad_to_multiple, max_len=max_len)
 
 
-def procedural_sft_examples(cfg, tok, ids: SpecialIds, round_idx: int, step: int, batch_size: int) -> list[dict]:
-    """Batch `step` of a never-repeating stream of fresh procedural tasks' gold episodes (cfg.sft.data =
+def procedural_sft_examples(rc, tok, ids: SpecialIds, round_idx: int, step: int, batch_size: int) -> list[dict]:
+    """Batch `step` of a never-repeating stream of fresh procedural tasks' gold episodes (sft.data =
     "procedural"): row g = step * batch_size + j is task g of the domains x branch-types cycle, seeded by
     (seed, round, g) on its own split, so it is resumable by step and disjoint from the round's dataset and
     the held-out set. Why: a randomly initialised tiny model trained on a fixed few thousand tasks memorises
@@ -93,19 +92,19 @@ def procedural_sft_examples(cfg, tok, ids: SpecialIds, round_idx: int, step: int
     from agq_jax.driver.data import AGENTIC, verify_gold
     from agq_jax.envs.worlds.generator import BRANCH_TYPES, Knobs, all_domains, generate_task
 
-    domains = sorted(cfg.data.domains) if cfg.data.domains else all_domains()
+    domains = sorted(rc.data.domains) if rc.data.domains else all_domains()
     combos = [(d, b) for d in domains for b in BRANCH_TYPES]
-    knobs = Knobs(level=int(cfg.synth.agentic.level))
+    knobs = Knobs(level=rc.synth.agentic.level)
     out = []
     g = step * batch_size
     while len(out) < batch_size:
         d, b = combos[g % len(combos)]
-        seed = zlib.crc32(f"{int(cfg.seed)}|{round_idx}|{g}".encode())
+        seed = zlib.crc32(f"{rc.seed}|{round_idx}|{g}".encode())
         g += 1
         task = generate_task(d, b, seed, knobs, split="sft")
         item = Item(AGENTIC, task.id, task)
-        item.gold = verify_gold(item, cfg)
-        ex = _training_example(item, tok, ids, cfg, int(cfg.rollout.max_len))
+        item.gold = verify_gold(item, rc.env)
+        ex = _training_example(item, tok, ids, rc)
         if ex is not None:
             out.append(ex)
     return out

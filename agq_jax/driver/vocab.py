@@ -45,33 +45,16 @@ def procedural_corpus(n_tasks: int = 600, seed: int = 12345, n_problems: int = 2
     return texts
 
 
-def load_run_tokenizer(cfg, run_dir: str | os.PathLike, *, is_writer: bool = True):
-    """The tokenizer of `cfg.tokenizer` (kind qwen3 | procedural). A procedural one is trained once into
-    `run_dir/tokenizer` and reloaded from there afterwards (so a resumed run uses the same ids)."""
-    kind = cfg.tokenizer.kind
-    if kind == "qwen3":
+def load_run_tokenizer(tc, run_dir: str | os.PathLike, *, is_writer: bool = True):
+    """The tokenizer of `tc` (the run config's `tokenizer` section: kind qwen3 | procedural). A procedural one
+    is trained once into `run_dir/tokenizer` and reloaded from there afterwards (a resumed run keeps its ids)."""
+    if tc.kind == "qwen3":
         return qtok.load_qwen3_tokenizer()
-    if kind != "procedural":
-        raise ValueError(f"config tokenizer.kind must be 'qwen3' or 'procedural', got {kind!r}")
     path = Path(run_dir) / "tokenizer"
     if not (path / "tokenizer.json").is_file():
         if not is_writer:
             raise FileNotFoundError(f"{path}: process 0 has not written the procedural tokenizer yet")
-        vocab = int(cfg.tokenizer.vocab_size)
-        if vocab <= 0:
-            raise ValueError("config tokenizer.vocab_size must be > 0 for tokenizer.kind='procedural'")
-        return ptok.train_procedural_tokenizer(procedural_corpus(), vocab, path,
-                                               pretokenizer=str(cfg.tokenizer.get("pretokenizer", "qwen2")))
+        if tc.vocab_size <= 0:
+            raise ValueError("config tokenizer.vocab_size must be > 0 to train a procedural tokenizer")
+        return ptok.train_procedural_tokenizer(procedural_corpus(), tc.vocab_size, path, pretokenizer=tc.pretokenizer)
     return ptok.load_procedural_tokenizer(path)
-
-
-def save_run_tokenizer(tok, cfg, run_dir, out_dir) -> None:
-    """Write the run's tokenizer files into an HF export directory."""
-    import shutil
-
-    if cfg.tokenizer.kind == "qwen3":
-        qtok.save_qwen3_tokenizer(out_dir)
-        return
-    src = Path(run_dir) / "tokenizer"
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(src / name, Path(out_dir) / name)

@@ -250,14 +250,17 @@ def abstract_model(cfg: Qwen3Config, dtype=jnp.float32, param_dtype=None):
         lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)))
 
 
-def from_pretrained(path, dtype=jnp.float32, mesh=None, param_dtype=None, **config_overrides) -> Qwen3ForCausalLM:
+def from_pretrained(path, dtype=jnp.float32, mesh=None, param_dtype=None, config: Qwen3Config | None = None,
+                    **config_overrides) -> Qwen3ForCausalLM:
     """Load an HF Qwen3 / Qwen3-MoE directory; with `mesh`, every param lands directly in its sharding.
 
-    `config_overrides` set training-side config fields (remat, attention_impl, moe_impl, scan_layers).
+    `config`: the Qwen3Config to build (a run's, from agq_jax.run_config.model_config: the checkpoint's
+    architecture plus training fields); default the directory's config.json. `config_overrides` set fields on
+    top (remat, attention_impl, moe_impl, scan_layers). Shapes are checked against the safetensors.
     """
     from agq_jax.models import sharding as shd
     path = Path(path)
-    cfg = read_config(path).replace(**config_overrides)
+    cfg = (read_config(path) if config is None else config).replace(**config_overrides)
     param_dtype = param_dtype or dtype
     np_dtype = np.dtype(param_dtype)
     graphdef, abs_state = abstract_model(cfg, dtype, param_dtype)

@@ -295,10 +295,11 @@ class Qwen3ForCausalLM(nnx.Module):
         return CausalLMOutput(logits, hidden, cache, aux)
 
 
-def from_pretrained(path, dtype=jnp.float32, mesh=None, param_dtype=None, **config_overrides):
+def from_pretrained(path, dtype=jnp.float32, mesh=None, param_dtype=None, config=None, **config_overrides):
     """Load an HF Qwen3 / Qwen3-MoE directory (see hf_io.from_pretrained)."""
     from agq_jax.models import hf_io
-    return hf_io.from_pretrained(path, dtype=dtype, mesh=mesh, param_dtype=param_dtype, **config_overrides)
+    return hf_io.from_pretrained(path, dtype=dtype, mesh=mesh, param_dtype=param_dtype, config=config,
+                                 **config_overrides)
 
 
 def save_pretrained(model, out_dir, tokenizer_dir=None, max_shard_bytes=None, **kwargs):

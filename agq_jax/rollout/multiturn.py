@@ -33,10 +33,13 @@ class RolloutConfig:
     """max_len: tokens per episode (prompt + all replies + all env turns; the KV cache size).
     max_new_tokens_per_turn: cap on one reply (None: the rest of the budget); a reply cut by this cap
     is still sent to the env, a reply cut by max_len ends the episode as overlong.
+    max_response_tokens: cap on the tokens after the prompt (replies + env turns; the reference's 10,000);
+    reaching it ends the episode as overlong, like max_len. None: max_len alone.
     max_turns: safety cap on policy replies (the env's own limits normally end episodes first)."""
 
     max_len: int = 4096
     max_new_tokens_per_turn: Optional[int] = None
+    max_response_tokens: Optional[int] = None
     max_turns: int = 64
     enable_thinking: bool = True
     max_workers: int = 32
@@ -46,6 +49,8 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.max_len must be >= 2, got {self.max_len}")
         if self.max_new_tokens_per_turn is not None and self.max_new_tokens_per_turn < 1:
             raise ValueError(f"RolloutConfig.max_new_tokens_per_turn must be >= 1, got {self.max_new_tokens_per_turn}")
+        if self.max_response_tokens is not None and self.max_response_tokens < 1:
+            raise ValueError(f"RolloutConfig.max_response_tokens must be >= 1, got {self.max_response_tokens}")
 
 
 @dataclasses.dataclass
@@ -207,6 +212,7 @@ class _Row:
         self.termination: str | None = None
         self.overlong = False
         self.prompt_len = 0
+        self.limit = 0  # the row's token budget: min(max_len, prompt + max_response_tokens)
 
     def add_env_tokens(self, ids: list[int]):
         self.ids += ids
@@ -260,6 +266,7 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
         prompt = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=config.enable_thinking)
         row.add_env_tokens(prompt)
         row.prompt_len = len(prompt)
+        row.limit = min(config.max_len, len(prompt) + (config.max_response_tokens or config.max_len))
         if len(prompt) >= config.max_len:
             _finish_env(row.env, Termination.MAX_TOKENS)
             row.end(OVERLONG, overlong=True)
@@ -274,7 +281,7 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
         chunks = [r.pending if r.alive else [] for r in rows] + [[]] * (batch - n)
         cache, logits = sampler.append(state, cache, chunks, logits)
         active = np.array([r.alive for r in rows] + [False] * (batch - n))
-        budget = np.array([min(per_turn, config.max_len - len(r.ids)) if r.alive else 0 for r in rows]
+        budget = np.array([min(per_turn, r.limit - len(r.ids)) if r.alive else 0 for r in rows]
                           + [0] * (batch - n), np.int32)
         out = sampler.decode(state, cache, logits, turn_rng, params=params, max_new_tokens=per_turn,
                              max_len=config.max_len, active=active, row_budget=budget)
@@ -296,7 +303,7 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
             r.spans.append((start, len(r.ids)))
             code = int(reason[i])
             r.turn_finish.append(FINISH_REASONS[code])
-            out_of_budget = code == CACHE_FULL or len(r.ids) >= config.max_len
+            out_of_budget = code == CACHE_FULL or len(r.ids) >= r.limit
             stepping.append((i, _reply_text(tok, sampled, closing), k, out_of_budget))
             r.closed = code == STOP and bool(sampled) and sampled[-1] == im_end
 
@@ -316,7 +323,7 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
                 continue
             suffix = qtok.encode_env_turns(tok, res.new_messages, enable_thinking=config.enable_thinking,
                                            after_im_end=r.closed)
-            if len(r.ids) + len(suffix) >= config.max_len:  # no room for the env turn plus one policy token
+            if len(r.ids) + len(suffix) >= r.limit:  # no room for the env turn plus one policy token
                 _finish_env(r.env, Termination.MAX_TOKENS)
                 r.end(OVERLONG, overlong=True)
                 continue

@@ -1,0 +1,110 @@
+"""What a run builds from its config before the first step: the mesh, the model, and the HF export.
+
+The model's architecture and training fields come from `agq_jax.run_config.model_config` (the one
+derivation); with `model.hf_path` the weights load straight into their shardings.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agq_jax.driver.vocab import SpecialIds
+
+
+def vocab_info(rc, tok, ids: SpecialIds):
+    """(size, pad, eos ids) of a procedural tokenizer, what model_config needs; None for the real one."""
+    if rc.tokenizer.kind != "procedural":
+        return None
+    return len(tok), ids.pad, (ids.im_end, ids.endoftext)
+
+
+def make_mesh(rc):
+    """The training mesh, or None on a single device / with mesh.enabled off. A layout sized for another
+    platform (a TPU layout on GPUs, say) is an error naming the layout."""
+    from agq_jax.run_config.schema import HARDWARE
+
+    m = rc.mesh
+    if m.hardware and m.hardware != "cpu":
+        want, have = HARDWARE[m.hardware].platform, jax.default_backend()
+        if want != have:
+            raise RuntimeError(f"config mesh.layout={m.layout!r} is sized for {HARDWARE[m.hardware].description} "
+                               f"({want}) but jax runs on {have}: pick a layout for this hardware "
+                               f"(--config=configs/NAME.py:LAYOUT) or its cpu-smoke variant")
+    if not m.enabled or jax.device_count() == 1:
+        return None
+    from agq_jax.models import sharding
+
+    return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert))
+
+
+def build_model(rc, tok, ids: SpecialIds, mesh=None):
+    """The policy: the HF checkpoint at model.hf_path (sharded as it loads), else a random init seeded by
+    `seed`; either way with the config model_config derives (training fields and overrides included)."""
+    from agq_jax.models import qwen3
+    from agq_jax.run_config import model_config
+
+    mcfg = model_config(rc, vocab=vocab_info(rc, tok, ids))
+    dtype, pdtype = jnp.dtype(rc.model.dtype), jnp.dtype(rc.model.param_dtype)
+    if rc.model.hf_path:
+        return qwen3.from_pretrained(rc.model.hf_path, dtype=dtype, mesh=mesh, param_dtype=pdtype, config=mcfg)
+    make = lambda: qwen3.Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(rc.seed), dtype=dtype, param_dtype=pdtype)  # noqa: E731
+    if mesh is None:
+        return make()
+    from agq_jax.models import sharding
+
+    return sharding.create_sharded_model(make, mesh)
+
+
+def loss_temperature(rl) -> float:
+    """The temperature the trainer's log-probs use: the sampler's, when sampling was plain temperature
+    sampling (no top-k / top-p truncation); else 1 (the sampler's own log-probs are used for the ratio)."""
+    plain = rl.top_k == 0 and rl.top_p >= 1.0
+    return rl.temperature if plain else 1.0
+
+
+def trainer_configs(rc, kind: str):
+    """(OptimConfig, LossConfig, StepConfig) of the SFT or the GRPO trainer: every knob the train step
+    reads, taken from the run config here and nowhere else (the compile-ahead tool uses this too)."""
+    from agq_jax.rl.optim import OptimConfig
+    from agq_jax.rl.step import LossConfig, StepConfig
+
+    o, rl = rc.optim, rc.rl
+    moments = dict(b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm or None,
+                   mu_dtype=o.mu_dtype or None)
+    if kind == "sft":
+        s = rc.sft
+        optim = OptimConfig(learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, decay=s.decay,
+                            total_steps=max(s.steps, 1), **moments)
+        loss = LossConfig(stage="sft", loss_agg=s.loss_agg, logprob_chunk=rl.logprob_chunk)
+        steps = StepConfig(ppo_epochs=1, mini_batch_size=None, micro_batch_size=s.micro_batch_rows or None,
+                           shuffle=False, seed=rc.seed)
+        return optim, loss, steps
+    if kind != "grpo":
+        raise ValueError(f"trainer kind {kind!r}: expected 'sft' or 'grpo'")
+    updates = rl.ppo_epochs * (rl.tasks_per_step // rl.mini_batch_tasks)
+    total = o.total_steps or max(rl.steps_per_round * rc.rounds * updates, 1)
+    optim = OptimConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.decay,
+                        total_steps=total, min_lr_ratio=o.min_lr_ratio, **moments)
+    loss = LossConfig(stage="grpo", policy_loss=rl.policy_loss, clip_low=rl.clip_low, clip_high=rl.clip_high,
+                      dual_clip_c=rl.dual_clip_c or None, gspo_clip_low=rl.gspo_clip_low,
+                      gspo_clip_high=rl.gspo_clip_high, loss_agg=rl.loss_agg, kl_coef=rl.kl_coef,
+                      kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef, temperature=loss_temperature(rl),
+                      logprob_chunk=rl.logprob_chunk)
+    steps = StepConfig(ppo_epochs=rl.ppo_epochs, mini_batch_size=rl.mini_batch_tasks * rl.group_size,
+                       micro_batch_size=rl.micro_batch_rows or None, shuffle=True, seed=rc.seed)
+    return optim, loss, steps
+
+
+def export_hf(model, rc, run_dir: str, out_dir: str) -> str:
+    """HF directory (safetensors + config + the run's tokenizer files) that transformers loads."""
+    from agq_jax.models import qwen3
+
+    tok_dir = os.path.join(run_dir, "tokenizer") if rc.tokenizer.kind == "procedural" else None
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    qwen3.save_pretrained(model, out_dir, tokenizer_dir=tok_dir, max_shard_bytes=rc.export.max_shard_bytes)
+    return out_dir
