@@ -117,10 +117,11 @@ def test_model_config_checkpoint_wins_and_training_fields_apply(tmp_path):
     arch = PRESETS["Qwen3-30B-A3B"].replace(hidden_size=64, num_hidden_layers=2, num_experts=8,
                                             num_experts_per_tok=2, moe_intermediate_size=32)
     (tmp_path / "config.json").write_text(json.dumps(arch.to_hf_dict()))
-    rc = load(f"{_path('30b_a3b')}:h100x16", [f"--config.model.hf_path={tmp_path}"])
+    rc = load(f"{_path('30b_a3b')}:h100x16", [f"--config.model.hf_path={tmp_path}", "--config.model.remat=dots",
+                                             "--config.model.moe_impl=dense", "--config.model.attention_impl=xla"])
     cfg = model_config(rc.replace(**{"model.overrides": {"rope_theta": 5000.0}}))
     assert (cfg.hidden_size, cfg.num_experts, cfg.num_hidden_layers) == (64, 8, 2)
-    assert (cfg.remat, cfg.attention_impl, cfg.moe_impl, cfg.rope_theta) == ("full", "auto", "ragged", 5000.0)
+    assert (cfg.remat, cfg.moe_impl, cfg.attention_impl, cfg.rope_theta) == ("dots", "dense", "xla", 5000.0)
     with pytest.raises(ValueError, match="holds a qwen3_moe checkpoint but model.preset='Qwen3-8B'"):
         model_config(load(str(_path("8b")), [f"--config.model.hf_path={tmp_path}"]))
     missing = load(str(_path("8b")), ["--config.model.hf_path=/nonexistent/Qwen3-8B"])

@@ -1,5 +1,4 @@
 """The loopback scripted teacher: every role answered from the request, malformed replies counted and survived."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,20 +16,33 @@ from data_synth.reasoning_problems import generate_seed_set
 from data_synth.run import run_round
 
 ROOT = Path(__file__).resolve().parents[1]
-PERSONAS = "/work/shared/data/agenticqwen/persona_5K.jsonl"
+SHARED = ROOT.parent / "shared" / "data" / "agenticqwen" / "persona_5K.jsonl"
+
+
+def _personas(tmp: Path) -> str:
+    """The released personas when the shared data sits beside the repo, else three of our own."""
+    if SHARED.is_file():
+        return str(SHARED)
+    path = tmp / "personas.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "persona": p}) + "\n" for i, p in enumerate(
+        ["A pharmacist who manages prescription refills.", "A travel agent who rebooks cancelled flights.",
+         "A librarian who handles inter-library loans."])))
+    return str(path)
 
 
 def _config(tmp: Path, url: str, name: str):
-    spec = importlib.util.spec_from_file_location("synth_tiny", ROOT / "configs" / "synth_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.name, c.runs_dir, c.progress = name, str(tmp / "runs"), False
-    c.teachers = {"default": {"base_url": url, "model": "loopback", "backoff_s": 0.01, "timeout_s": 10,
-                              "max_retries": 2}, "synthesizer": {}, "solver": {}}
-    c.agentic.persona_path, c.agentic.num_personas, c.agentic.num_procedural = PERSONAS, 3, 0
-    c.reasoning.num_procedural = 3
-    return c
+    from agq_jax.run_config import RunConfig, load_configdict
+
+    c = load_configdict(str(ROOT / "configs" / "synth_tiny.py"))
+    c.name, c.run_dir, c.verbose = name, str(tmp / "runs" / name), False
+    d = c.teachers.default
+    d.base_url, d.model, d.backoff_s, d.timeout_s, d.max_retries = url, "loopback", 0.01, 10.0, 2
+    for role in ("mock_user", "mock_tool", "judge"):
+        c.teachers[role].base_url = c.teachers[role].model = ""
+    a = c.synth.agentic
+    a.persona_path, a.num_personas, a.num_procedural = _personas(tmp), 3, 0
+    c.synth.reasoning.num_procedural = 3
+    return RunConfig.from_configdict(c)
 
 
 def _failures():
