@@ -16,6 +16,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -41,17 +43,50 @@ def shrink(cfg):
     return cfg
 
 
-def comparison_table(evals: dict, before: str = "round0_sft", after: str | None = None) -> str:
-    """Held-out headline metrics of the SFT-only checkpoint next to those after GRPO."""
+BENCHMARK_FIGURES = ROOT / "docs" / "learning_benchmark.json"
+
+
+def seed_spread(impl: str, path: str | os.PathLike = BENCHMARK_FIGURES) -> dict:
+    """{metric: (SFT-only stats, after-GRPO stats)} over seeds from the learning benchmark's committed figures
+    (benchmarks/bench_learning.py) for this attention_impl; {} when they are missing."""
+    import json
+
+    try:
+        with open(path) as f:
+            agg = json.load(f)["aggregate"].get(impl, {})
+    except (OSError, KeyError, ValueError):
+        return {}
+    sft, grpo = agg.get("sft", {}).get("round0_sft", {}), agg.get("grpo", {}).get("round1", {})
+    return {k: (sft[k], grpo[k]) for k in sft if k in grpo}
+
+
+def comparison_table(evals: dict, before: str = "round0_sft", after: str | None = None,
+                     spread: dict | None = None) -> str:
+    """Held-out headline metrics of the SFT-only checkpoint next to those after GRPO, and beside them the
+    mean ± std over seeds of the same recipe (the learning benchmark), so a run can be read against it."""
     if after is None:
         rounds = sorted((k for k in evals if k.startswith("round") and not k.endswith("_sft")),
                         key=lambda k: int(k[5:]))
         after = rounds[-1]
     a, b = evals.get(before, {}), evals[after]
-    lines = [f"{'held-out metric':34s}{'SFT only':>10s}{'after GRPO':>12s}{'delta':>8s}"]
+    spread = spread or {}
+    n = max((s[0]["n"] for s in spread.values()), default=0)
+    head = f"{'held-out metric':22s}{'SFT only':>10s}{'after GRPO':>12s}{'delta':>8s}"
+    if spread:
+        head += f"   {'over ' + str(n) + ' seeds: SFT only':>26s}{'after GRPO':>16s}{'delta (± se)':>17s}"
+    lines = [head]
     for k in b:
         if k in a:
-            lines.append(f"{k.removeprefix('eval/all/'):34s}{a[k]:10.3f}{b[k]:12.3f}{b[k] - a[k]:+8.3f}")
+            name = k.removeprefix("eval/all/")
+            row = f"{name:22s}{a[k]:10.3f}{b[k]:12.3f}{b[k] - a[k]:+8.3f}"
+            s = spread.get(f"all/{name}")
+            if s:
+                sa, sb = s
+                d = [y - x for x, y in zip(sa["values"], sb["values"])]
+                se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+                row += (f"   {sa['mean']:>19.3f} ± {sa['std']:.3f}{sb['mean']:>9.3f} ± {sb['std']:.3f}"
+                        f"{float(np.mean(d)):>+10.3f} ± {se:.3f}")
+            lines.append(row)
     return "\n".join(lines)
 
 
@@ -94,10 +129,15 @@ def main() -> int:
     t0 = time.time()
     result = Driver(rc).run()
     wall = time.time() - t0
-    print("\n" + comparison_table(result["evals"]))
+    spread = {} if os.environ.get("AGQ_DEMO_SMALL") else seed_spread(rc.model.attention_impl)
+    print("\n" + comparison_table(result["evals"], spread=spread))
     print(f"({rc.data.heldout_tasks} held-out tasks, same tasks and seeds for both columns. greedy_*: one greedy "
           f"episode per task; pass@1 / pass@k: mean / any success over {rc.eval.k} samples per task at "
           f"T={rc.eval.temperature}; pass^k: all k succeed; reward: the rubric's partial credit in [0, 1].)")
+    if spread:
+        print(f"(Right: mean ± std over seeds of the same config, attention_impl={rc.model.attention_impl}, from "
+              f"{BENCHMARK_FIGURES.relative_to(ROOT)} (benchmarks/bench_learning.py); this run is seed {rc.seed}. "
+              f"A column outside about 2 std of its mean is a finding, not noise.)")
     print(f"\nflywheel wall time: {wall:.0f}s; export: {result['export']}")
     print("\n" + chat_with_export(result["export"], rc))
     return 0

@@ -2,8 +2,12 @@
 
 Prefill: one forward over [batch, prompt_len] (tokens/s = batch * prompt_len / time).
 Decode: greedy generation of `new_tokens` after the prompt with a KV cache, prefill included on both sides
-(agq_jax: jitted prefill + jitted one-token step with argmax on device, jax.jit over the split weights as the
-Sampler runs it; transformers: `generate`, sdpa attention). The two sides are timed alternately, best of --repeats each.
+(agq_jax: jitted prefill + jitted one-token step with argmax on device, jax.jit over the weights as the
+Sampler passes them — on CPU split per layer, `qwen3.split_layer_stacks`; transformers: `generate`, sdpa).
+The two sides are timed alternately (--repeats each, same thread count: torch's intra-op threads = the cores
+XLA:CPU uses); the ratio is of the best times, and the spread (median / best) of each side is printed too.
+A ratio on one CPU does not carry to another (oneDNN/MKL vs XLA:CPU kernels differ per ISA), so every line
+states the CPU model, its vector ISA flags and the thread counts.
 Prints one JSON line per measurement, then a table with the ratio agq_jax / transformers (target >= 1.0).
 
 Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batches 1 8] [--moe [--moe-impl tiled]]
@@ -46,35 +50,70 @@ def build(args, out_dir):
     return hf, qwen3.from_pretrained(out_dir, dtype=jnp.float32, moe_impl=args.moe_impl)
 
 
+def cpu_info() -> dict:
+    """CPU model, vector ISA flags and thread counts: what a CPU ratio depends on."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = val.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ("f16c", "sse4_2"))
+    return {"cpu": model, "isa": " ".join(isa), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
+            "torch_onednn": torch.backends.mkldnn.is_available(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax_backend": jax.default_backend(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def best_of_pair(fn_a, fn_b, repeats):
-    """Min wall time of each, measured alternately so a slow spell of the host hits both sides alike."""
+    """Wall times of each side, measured alternately (a-b, then b-a: the order alternates too) so a slow spell
+    of the host hits both alike; returns (times_a, times_b)."""
     fn_a(), fn_b()  # warm-up / compile
     times = ([], [])
-    for _ in range(repeats):
-        for fn, ts in zip((fn_a, fn_b), times):
+    for r in range(repeats):
+        order = ((fn_a, times[0]), (fn_b, times[1]))
+        for fn, ts in (order if r % 2 == 0 else order[::-1]):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return min(times[0]), min(times[1])
+    return times
 
 
 # jax.jit over (static graphdef, weights) as agq_jax.rollout.Sampler runs the model: nnx.jit re-walks the module
 # graph in Python on every call (measured ~40 ms per call here, 8x a whole MoE decode step), which would make
 # this a benchmark of the call wrapper rather than of the model.
+def _merge(graphdef, state):
+    return qwen3.merge_split(graphdef, state) if SPLIT else nnx.merge(graphdef, state)
+
+
+SPLIT = qwen3.split_weights_for_inference()  # what the Sampler does on this backend
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, ids):
-    return nnx.merge(graphdef, state)(ids).logits
+    return _merge(graphdef, state)(ids).logits
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _step(graphdef, state, ids, cache):
     """Prefill (ids [B,T]) or one decode step (ids [B,1]): greedy next token and the updated cache."""
-    out = nnx.merge(graphdef, state)(ids, cache=cache)
+    out = _merge(graphdef, state)(ids, cache=cache)
     return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32), out.cache
 
 
-def agq_generate(model, ids, new_tokens):
+def inference_state(model):
+    """(graphdef, weights as the Sampler passes them): split per layer once, outside the timed calls."""
     graphdef, state = nnx.split(model)
+    return graphdef, jax.block_until_ready(qwen3.split_layer_stacks(state) if SPLIT else state)
+
+
+def agq_generate(model, ids, new_tokens, weights=None):
+    graphdef, state = weights or inference_state(model)
     cache = qwen3.init_cache(model.config, ids.shape[0], ids.shape[1] + new_tokens, jnp.float32)
     tok, cache = _step(graphdef, state, ids, cache)
     toks = [tok]
@@ -96,13 +135,15 @@ def main():
     ap.add_argument("--moe", action="store_true")
     ap.add_argument("--moe-impl", default="tiled", choices=["tiled", "ragged", "dense"],
                     help="expert computation (ragged_dot is lowered densely by XLA:CPU; tiled is the CPU choice)")
+    ap.add_argument("--no-split", action="store_true",
+                    help="pass the stacked weights (scanned layers) even on CPU: the path before the split")
     args = ap.parse_args()
+    global SPLIT
+    SPLIT = SPLIT and not args.no_split
+    load0 = round(os.getloadavg()[0], 2)
 
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build(args, tmp)
-    env = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
-           "load_avg_1m": os.getloadavg()[0]}
     rows = []
     rng = np.random.RandomState(0)
     for batch in args.batches:
@@ -116,29 +157,42 @@ def main():
             with torch.no_grad():
                 hf(ids_t)
 
-        graphdef, state = nnx.split(ours)
+        weights = inference_state(ours)
+        graphdef, state = weights
         t_agq, t_hf = best_of_pair(lambda: _forward(graphdef, state, ids_j).block_until_ready(), hf_fwd,
                                    args.repeats)
-        rows.append(("prefill", batch, batch * args.prompt_len / t_agq, batch * args.prompt_len / t_hf))
+        rows.append(("prefill", batch, batch * args.prompt_len, t_agq, t_hf))
 
         def hf_gen():
             with torch.no_grad():
                 return hf.generate(ids_t, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                    do_sample=False)[:, args.prompt_len:].numpy()
 
-        assert (agq_generate(ours, ids_j, args.new_tokens) == hf_gen()).mean() > 0.9  # same greedy tokens
-        t_agq, t_hf = best_of_pair(lambda: agq_generate(ours, ids_j, args.new_tokens), hf_gen, args.repeats)
-        rows.append(("decode", batch, batch * args.new_tokens / t_agq, batch * args.new_tokens / t_hf))
+        assert (agq_generate(ours, ids_j, args.new_tokens, weights) == hf_gen()).mean() > 0.9  # same greedy tokens
+        t_agq, t_hf = best_of_pair(lambda: agq_generate(ours, ids_j, args.new_tokens, weights), hf_gen, args.repeats)
+        rows.append(("decode", batch, batch * args.new_tokens, t_agq, t_hf))
 
     model = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "moe": args.moe,
              "moe_impl": args.moe_impl if args.moe else None,
              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    for phase, batch, agq, ref in rows:
-        print(json.dumps({"bench": "model_cpu", "phase": phase, "batch": batch, "agq_tok_s": round(agq, 1),
-                          "transformers_tok_s": round(ref, 1), "ratio": round(agq / ref, 3), **model, **env}))
-    print(f"\n{'phase':<8} {'batch':>5} {'agq_jax tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
-    for phase, batch, agq, ref in rows:
-        print(f"{phase:<8} {batch:>5} {agq:>14.1f} {ref:>19.1f} {agq / ref:>6.2f}")
+    env = dict(cpu_info(), load_avg_1m_start=load0)
+    for phase, batch, tokens, t_agq, t_hf in rows:
+        a, r = tokens / min(t_agq), tokens / min(t_hf)
+        print(json.dumps({"bench": "model_cpu", "phase": phase, "batch": batch, "agq_tok_s": round(a, 1),
+                          "transformers_tok_s": round(r, 1), "ratio": round(a / r, 3),
+                          "ratio_of_medians": round(float(np.median(t_hf) / np.median(t_agq)), 3),
+                          "agq_median_over_best": round(float(np.median(t_agq) / min(t_agq)), 3),
+                          "transformers_median_over_best": round(float(np.median(t_hf) / min(t_hf)), 3),
+                          "repeats": len(t_agq), "split_layer_weights": SPLIT, **model, **env}))
+    print(f"\n{env['cpu']} ({env['cpus']} cpus; torch threads {env['torch_threads']}; load {env['load_avg_1m']})"
+          f"\nISA: {env['isa']}")
+    print(f"\n{'phase':<8} {'batch':>5} {'agq_jax tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} "
+          f"{'ratio of medians':>17} {'spread agq / hf':>16}")
+    for phase, batch, tokens, t_agq, t_hf in rows:
+        a, r = tokens / min(t_agq), tokens / min(t_hf)
+        spread = f"{np.median(t_agq) / min(t_agq):.2f} / {np.median(t_hf) / min(t_hf):.2f}"
+        print(f"{phase:<8} {batch:>5} {a:>14.1f} {r:>19.1f} {a / r:>6.2f} "
+              f"{np.median(t_hf) / np.median(t_agq):>17.2f} {spread:>16}")
 
 
 if __name__ == "__main__":

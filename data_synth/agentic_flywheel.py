@@ -255,6 +255,24 @@ async def stage_harder(item: dict, ctx: StageContext, round_idx: int) -> list[di
     return [t.model_dump(mode="json")]
 
 
+async def stage_fresh(item: dict, ctx: StageContext, round_idx: int, domains: tuple) -> list[dict]:
+    """The control of the flywheel (`expansion="fresh"`): for each failed task, a fresh procedural task of the
+    same difficulty as its harder variant (same knobs, one level up) but of a domain and branch type drawn
+    at random, unrelated to the failure — same count, same level, no targeting."""
+    from agq_jax.envs.worlds.generator import BRANCH_TYPES, Knobs, all_domains, generate_task, harder_variant
+    task = Task.model_validate(item["task"])
+    gen = task.metadata.get("gen")
+    if not gen:
+        raise Rejected("not_procedural", f"task {task.id} has no procedural generator metadata")
+    seed = int(stable_hash(["fresh", task.id, round_idx], n=8), 16)
+    rng = random.Random(seed)
+    src = generate_task(rng.choice(sorted(domains) or all_domains()), rng.choice(BRANCH_TYPES), seed,
+                        Knobs(**gen["knobs"]), gen["split"])
+    t = harder_variant(src, step=1, seed=seed + 1)
+    t.lineage.round, t.lineage.method = round_idx, "fresh_control"
+    return [t.model_dump(mode="json")]
+
+
 # ------------------------------------------------------------------------------------------------ build
 def _failure_items(failures: list | None) -> tuple[list[dict], list[dict]]:
     items, bad = [], []
@@ -290,8 +308,12 @@ async def build_agentic(cfg, round_idx: int, failures: list | None, client, stag
         stats.append(StageStats(name="agentic/procedural", inputs=n_proc, processed=n_proc, outputs=len(gen)))
     if not teacher:
         if fail_items:
-            out, rej, st = await run_stage("agentic/harder", fail_items,
-                                           lambda it, ctx: stage_harder(it, ctx, round_idx), **common)
+            if cfg.expansion == "harder":
+                name, fn = "agentic/harder", lambda it, ctx: stage_harder(it, ctx, round_idx)
+            else:  # "fresh" (validated by the run config)
+                doms = tuple(domains or ())
+                name, fn = "agentic/fresh_control", lambda it, ctx: stage_fresh(it, ctx, round_idx, doms)
+            out, rej, st = await run_stage(name, fail_items, fn, **common)
             tasks += out
             rejections += rej
             stats.append(st)

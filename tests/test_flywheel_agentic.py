@@ -231,3 +231,34 @@ def test_validation_with_teacher_simulated_user(round0):
             assert any("<tool_response>" in m["content"] for msgs in sent for m in msgs)
             assert c.stats_dict()["mock_user"]["calls"] == 3
     assert out["metadata"]["validation"]["solver_reward"] == 1.0
+
+
+def test_offline_fresh_control_matches_count_and_difficulty_not_the_failures(tmp_path):
+    """expansion="fresh" (the flywheel's control in benchmarks/bench_learning.py): as many tasks as failures, at
+    the difficulty of their harder variants, but fresh procedural tasks of random domain / branch type."""
+    from agq_jax.envs.worlds.generator import generate_task
+    fails = [generate_task("retail", "clarification", seed=s) for s in range(8)]
+    rows = [{"type": "agentic", "task": t.model_dump(mode="json")} for t in fails]
+    out = {}
+    from agq_jax.run_config import RunConfig
+
+    for mode in ("harder", "fresh"):
+        c = _tiny_config()
+        c.name, c.run_dir, c.verbose = mode, str(tmp_path / mode), False
+        c.synth.agentic.num_procedural, c.synth.agentic.procedural_per_round, c.data.reasoning_weight = 0, 0, 0.0
+        c.synth.agentic.expansion = mode
+        rc = RunConfig.from_configdict(c)
+        out[mode] = [Task.model_validate(t) for t in read_jsonl(run_round(rc, 1, failures=rows).agentic_path)]
+    harder, fresh = out["harder"], out["fresh"]
+    assert len(harder) == len(fresh) == len(fails)
+    key = lambda t: (t.difficulty.level, t.difficulty.n_distractors, t.difficulty.adversarial_pressure)  # noqa: E731
+    assert sorted(map(key, fresh)) == sorted(map(key, harder)) and all(t.difficulty.level == 1 for t in fresh)
+    assert all(t.branch.branch_type == "clarification" and t.domain == "retail" for t in harder)
+    assert len({(t.domain, t.branch.branch_type) for t in fresh}) > 2          # not the failures' branch
+    fail_ids = {t.id for t in fails}
+    assert all(set(t.lineage.parent_ids).isdisjoint(fail_ids) and t.lineage.method == "fresh_control" for t in fresh)
+    for t in fresh:   # verified like every procedural task
+        assert score(t, run_episode(t, replay_agent(t.gold_replies), user="scripted")).total == 1.0
+    c.synth.agentic.expansion = "sideways"
+    with pytest.raises(ValueError, match="synth.agentic.expansion"):
+        RunConfig.from_configdict(c)

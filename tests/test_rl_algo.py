@@ -204,3 +204,43 @@ def test_optimizer_schedule_clipping_and_decay_mask():
     _, st = tx.update(big, state, params)
     mu = [s.mu for s in jax.tree.leaves(st, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
     assert float(optax.global_norm(mu)) == pytest.approx(0.1 * 1.0, rel=1e-4)
+
+
+def test_success_or_rubric_partial_credit_only_in_groups_without_success():
+    rubric = np.array([[1.0, 2 / 3, 0.0, 0.5],      # a success in the group: plain 0/1
+                       [0.25, 2 / 3, 0.0, 0.5]])    # all failures: the rubric's partial credit
+    np.testing.assert_allclose(algo.training_reward("success_or_rubric", rubric),
+                               [[1.0, 0.0, 0.0, 0.0], [0.25, 2 / 3, 0.0, 0.5]], rtol=1e-6)
+    # the all-failure group now carries a signal; a group of equal failures still does not
+    assert not algo.zero_variance_groups(algo.training_reward("success_or_rubric", rubric[1:]))[0]
+    assert algo.zero_variance_groups(algo.training_reward("success_or_rubric", np.full((1, 4), 0.5)))[0]
+
+
+def test_success_or_rubric_is_not_gameable_on_real_episodes():
+    """Every domain x branch type, real episodes scored by the rubric: the gold path gets 1 and every other
+    policy 0 in a group it is part of; without it (an all-failure group) do-nothing, refuse-everything and
+    hack-replay get their partial credit, always below the gold path, and hack-replay gets 0 (gated)."""
+    from agq_jax.envs import replay_agent, run_episode, score
+    from agq_jax.envs.schema import BRANCH_TYPES
+    from agq_jax.envs.worlds import domains
+    from agq_jax.envs.worlds.generator import counterfactual_replies, generate_task
+
+    shaped_fail = {"hack": [], "refuse": [], "nothing": [], "guess": []}
+    for d in domains():
+        for b in BRANCH_TYPES:
+            task = generate_task(d, b, seed=5)
+            replies = {"gold": task.gold_replies, "hack": counterfactual_replies(task, "hack"),
+                       "guess": counterfactual_replies(task, "guess"),
+                       "refuse": ["Sorry, I can't help with that request."], "nothing": ["Goodbye."]}
+            r = {k: score(task, run_episode(task, replay_agent(v))).total for k, v in replies.items()}
+            names = list(r)
+            with_gold = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in names]])))[0]
+            assert with_gold[0] == 1.0 and (with_gold[1:] == 0.0).all(), (d, b, r)
+            fails = names[1:]
+            shaped = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in fails]])))[0]
+            np.testing.assert_allclose(shaped, [r[k] for k in fails], rtol=1e-6)
+            assert (shaped < 1.0).all() and r["hack"] == 0.0, (d, b, r)
+            for k, v in zip(fails, shaped):
+                shaped_fail[k].append(float(v))
+    # on average a degenerate policy earns well under the gold path's 1.0 even where it is never outranked
+    assert max(np.mean(v) for v in shaped_fail.values()) < 0.75, {k: np.mean(v) for k, v in shaped_fail.items()}

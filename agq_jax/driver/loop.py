@@ -360,7 +360,7 @@ class Driver:
         eps = [e for grp in groups for e in grp]
         packed = pack_episodes(eps, pad_id=self.ids.pad, **self._train_padding(),
                                logprob_source="sampling" if loss_temperature(rl) != 1.0 else "policy")
-        rewards = np.asarray(algo.training_reward(rl.reward, packed["rewards"])).reshape(len(groups), g)
+        rewards = np.asarray(algo.training_reward(rl.reward, np.reshape(packed["rewards"], (len(groups), g))))
         kw = {"std_normalize": rl.std_normalize} if rl.advantage == "grpo" else {}
         adv = np.array(algo.compute_advantages(rewards, rl.advantage, **kw), np.float32)
         adv = np.array(algo.weight_negative_advantages(adv, rl.negative_weight), np.float32)  # 1.0: unchanged

@@ -19,7 +19,8 @@ from agq_jax.models.config import PRESETS, Qwen3Config
 from agq_jax.models.sharding import annotated_param, cache_sharding, constrain
 
 __all__ = ["Qwen3Config", "PRESETS", "Qwen3ForCausalLM", "KVCache", "CausalLMOutput", "init_cache",
-           "from_pretrained", "save_pretrained", "apply_rope", "rope_cos_sin"]
+           "from_pretrained", "save_pretrained", "apply_rope", "rope_cos_sin",
+           "split_layer_stacks", "merge_split"]
 
 
 class KVCache(NamedTuple):
@@ -173,6 +174,38 @@ def _is_expert_param(path) -> bool:
     return any(getattr(k, "key", None) in moe.EXPERT_PARAMS for k in path)
 
 
+def split_weights_for_inference(backend: str | None = None) -> bool:
+    """Whether inference callers (the Sampler) should pass the weights split per layer (`split_layer_stacks`).
+
+    Why on CPU: XLA:CPU copies a (dynamic) slice of a stacked weight into a fresh buffer before a dot reads
+    it, so a scanned decode step writes and re-reads every layer's weights (measured ~3x the memory traffic
+    of a batch-1 step). A model merged from split weights (`merge_split`) runs its layers as a Python loop
+    over static indices; XLA simplifies slice(concatenate(per-layer args)) to the argument and the dots read
+    the weights in place. GPU / TPU compilers fuse the slice into the matmul: the scan stays there."""
+    return (backend or jax.default_backend()) == "cpu"
+
+
+def _in_layer_stack(path) -> bool:
+    return any(getattr(k, "key", None) == "blocks" for k in path)
+
+
+def split_layer_stacks(state):
+    """The model state with every stacked layer param [L, ...] as a tuple of L per-layer arrays: one copy,
+    made outside jit once per weight version."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: tuple(x[i] for i in range(x.shape[0])) if _in_layer_stack(p) else x, state)
+
+
+def merge_split(graphdef, split_state) -> "Qwen3ForCausalLM":
+    """Inside jit: the model over a `split_layer_stacks` state, with its layer stacks unrolled."""
+    state = jax.tree.map(lambda x: jnp.stack(x) if isinstance(x, tuple) else x, split_state,
+                         is_leaf=lambda x: isinstance(x, tuple))
+    model = nnx.merge(graphdef, state)
+    for block in model.blocks:
+        block.unrolled = True
+    return model
+
+
 class LayerStack(nnx.Module):
     """`count` same-kind decoder layers with stacked params, run by one `lax.scan`."""
 
@@ -183,18 +216,21 @@ class LayerStack(nnx.Module):
         self.num_experts = cfg.num_experts
         self.remat = cfg.remat
         self.scan = cfg.scan_layers
+        self.unrolled = False  # set by `merge_split` (weights passed per layer)
 
     def __call__(self, x, cos, sin, mask, valid, kv=None, starts=None, first_layer=0):
         """kv: None or the whole cache (k_all, v_all); this run's layers live at first_layer + i."""
         graphdef, state = nnx.split(self.layer)
         stats0 = moe.RouterStats.zeros(self.num_experts) if self.is_moe else None
         cache0 = None if kv is None else (kv[0], kv[1], jnp.asarray(first_layer, jnp.int32))
+        unrolled = self.unrolled
         # Inference with the CPU expert kernels: the scan would copy each layer's whole expert stack out of
         # the stacked params before the loop reads the few experts a step selects (XLA:CPU materialises a
         # dynamic slice feeding a dot); instead the experts stay stacked, loop-invariant, and the kernels index
         # [layer, expert] directly. Not for training: the closed-over stack would get a full-size gradient
         # per layer.
-        stacked_experts = kv is not None and self.is_moe and moe.resolve_moe_impl(self.layer.mlp.impl) == "tiled"
+        stacked_experts = (kv is not None and not unrolled and self.is_moe
+                           and moe.resolve_moe_impl(self.layer.mlp.impl) == "tiled")
         if stacked_experts:
             full = state
             state = jax.tree_util.tree_map_with_path(
@@ -217,7 +253,7 @@ class LayerStack(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[self.remat], prevent_cse=not self.scan)
         carry = (x, stats0, cache0)
-        if self.scan:
+        if self.scan and not unrolled:
             carry, _ = jax.lax.scan(body, carry, state)
         else:
             for i in range(self.count):

@@ -267,6 +267,17 @@ def reward_rubric_success(rubric):
     return 0.5 * (reward_rubric(rubric) + reward_success(rubric))
 
 
+@register_training_reward("success_or_rubric")
+def reward_success_or_rubric(rubric):
+    """Success (0/1), except in a group where no sample succeeded: there the rubric's partial credit, so a
+    group of all failures (a branch type the policy cannot yet solve) still ranks its samples by sub-goals
+    met instead of carrying no signal. A success anywhere in the group restores the 0/1 objective, so
+    partial credit never competes with a success. The last axis is the group ([..., G])."""
+    r = jnp.asarray(rubric, jnp.float32)
+    success = reward_success(r)
+    return jnp.where(success.max(axis=-1, keepdims=True) > 0, success, r)
+
+
 def training_reward(name: str, rubric):
     return lookup(TRAINING_REWARDS, name, "training reward")(rubric)
 

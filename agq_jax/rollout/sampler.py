@@ -132,8 +132,19 @@ def _hidden_to_logits(model, hidden: jax.Array) -> jax.Array:
     return jnp.dot(hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def _merge(graphdef, state):
+    """The model inside jit; weights split per layer (CPU, `Sampler._state`) run the unrolled layer loop."""
+    from agq_jax.models import qwen3
+
+    return qwen3.merge_split(graphdef, state) if _is_split(state) else nnx.merge(graphdef, state)
+
+
+def _is_split(state) -> bool:
+    return any(isinstance(x, tuple) for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, tuple)))
+
+
 def _prefill(graphdef, state, cache, ids, mask, prev_logits):
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     hidden, cache, _ = model.hidden_states(ids, attention_mask=mask, cache=cache)
     last = jnp.clip(mask.sum(-1) - 1, 0, ids.shape[1] - 1)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
@@ -142,7 +153,7 @@ def _prefill(graphdef, state, cache, ids, mask, prev_logits):
 
 
 def _decode(graphdef, state, cache, logits, rng, active, row_budget, capacity, *, params, max_new, pad_id):
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     batch = logits.shape[0]
     stop_ids = jnp.asarray(params.stop_ids if params.stop_ids else (-1,), jnp.int32)
     full_at_start = active & (cache.lengths >= capacity)
@@ -236,15 +247,30 @@ class Sampler:
         self._prefill = jax.jit(_prefill, static_argnums=(0,), donate_argnums=(2,))
         self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("params", "max_new", "pad_id"),
                                donate_argnums=(2,))
+        from agq_jax.models import qwen3
+
+        self._split = qwen3.split_weights_for_inference() and hasattr(self.cfg, "num_hidden_layers")
+        self._split_cache: tuple = ((), None)  # (source leaves, their per-layer split): one weight version
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _state(self, model_or_state):
+        """The weights as the jitted calls take them: on CPU split per layer (qwen3.split_weights_for_inference),
+        once per weight version (a train step's new weights are split again on their first use)."""
+        state = model_or_state
         if isinstance(model_or_state, nnx.Module):
             graphdef, state = nnx.split(model_or_state)
             if graphdef != self.graphdef:
                 raise ValueError("Sampler: the model's graph structure differs from the one the sampler was built for")
+        if not self._split or state is self._split_cache[1]:
             return state
-        return model_or_state
+        from agq_jax.models import qwen3
+
+        leaves = jax.tree.leaves(state)
+        src, split = self._split_cache
+        if len(src) != len(leaves) or any(a is not b for a, b in zip(src, leaves)):
+            split = qwen3.split_layer_stacks(state)
+            self._split_cache = (tuple(leaves), split)
+        return split
 
     @property
     def batch_multiple(self) -> int:

@@ -131,6 +131,8 @@ class AgenticSynthSection(Section):
     num_procedural: int = 12             # round 0: procedural tasks (also mixed in with teacher tasks)
     procedural_per_round: int = 4        # later rounds: fresh procedural tasks
     level: int = 0                       # procedural difficulty (worlds.generator.Knobs)
+    expansion: str = "harder"            # offline flywheel: harder (variants of the failed tasks) | fresh (as many
+                                         # fresh tasks of the same difficulty, random domain / branch: the control)
     persona_path: str = ""               # JSONL {id, persona}: teacher blueprints seeded by personas
     num_personas: int = 0
     workflow_path: str = ""              # JSONL {id, workflow}: teacher behaviour trees from workflows
@@ -146,6 +148,10 @@ class AgenticSynthSection(Section):
     concurrency: int = 8
     validate_concurrency: int = 4
     max_attempts: int = 3                # teacher retries per item and stage (malformed replies)
+
+    def __post_init__(self):
+        if self.expansion not in ("harder", "fresh"):
+            raise ValueError(f"config synth.agentic.expansion={self.expansion!r}: expected 'harder' or 'fresh'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""benchmarks/bench_learning.py, the few-step version: real runs of the training CLI as a tree of shared
+prefixes (SFT -> round 0 -> two arms), finished nodes skipped on a rerun, and the seed statistics and paired
+differences computed from the runs' own metrics."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_learning  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("heavy_subprocess")
+
+
+def _bench(*args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), *args], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lb")
+    res = _bench("--small", "--seeds", "0", "--arms", "sft", "grpo", "fresh", "--attention", "auto",
+                 "--out", str(out), "--summary", str(out / "summary.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_arms_share_their_prefix_and_differ_after_it(small_run):
+    out, _ = small_run
+    s0 = out / "auto" / "s0"
+    recs = {n: json.loads((s0 / n / "bench_done.json").read_text()) for n in ("sft", "grpo_r0", "grpo", "fresh")}
+    # the SFT-only evaluation is computed once and inherited (same numbers, not re-run) by every arm
+    for n in ("grpo_r0", "grpo", "fresh"):
+        assert recs[n]["evals"]["round0_sft"] == recs["sft"]["evals"]["round0_sft"]
+    assert recs["grpo"]["evals"]["round0"] == recs["fresh"]["evals"]["round0"] == recs["grpo_r0"]["evals"]["round0"]
+    assert set(recs["grpo"]["evals"]) == {"round0_sft", "round0", "round1"}
+    # round 1's data: harder variants of the failures vs as many fresh tasks (the control)
+    methods = {}
+    for arm in ("grpo", "fresh"):
+        rows = [json.loads(line) for line in (s0 / arm / "data" / "round_1" / "agentic.jsonl").open()]
+        methods[arm] = {r["lineage"]["method"] for r in rows}
+    assert "harder_variant" in methods["grpo"] and "fresh_control" not in methods["grpo"]
+    assert "fresh_control" in methods["fresh"]
+
+
+def test_rerun_skips_finished_nodes_and_prints_tables(small_run):
+    out, first = small_run
+    before = {p: p.stat().st_mtime for p in out.glob("auto/s0/*/bench_done.json")}
+    res = _bench("--small", "--seeds", "0", "--arms", "sft", "grpo", "fresh", "--attention", "auto", "--out", str(out))
+    assert res.returncode == 0 and "agq_jax.train" not in res.stderr  # nothing ran again
+    assert {p: p.stat().st_mtime for p in out.glob("auto/s0/*/bench_done.json")} == before
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert {(r["arm"], r["round"]) for r in lines if r["bench"] == "learning" and r["group"] == "all"} == {
+        ("sft", "round0_sft"), ("grpo", "round0_sft"), ("grpo", "round0"), ("grpo", "round1"),
+        ("fresh", "round0_sft"), ("fresh", "round0"), ("fresh", "round1")}
+    assert "per branch type and round" in res.stdout and "paired differences" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    grpo = json.loads((out / "auto" / "s0" / "grpo" / "bench_done.json").read_text())["evals"]["round1"]
+    assert summary["aggregate"]["auto"]["grpo"]["round1"]["all/pass@1"]["mean"] == pytest.approx(grpo["eval/all/pass@1"])
+
+
+def test_statistics_over_seeds_from_the_records(small_run, tmp_path):
+    """Mean / std / paired differences over seeds on known numbers: seed 1 = seed 0's records with pass@1 moved."""
+    src, _ = small_run
+    out = tmp_path / "lb"
+    shutil.copytree(src / "auto" / "s0", out / "auto" / "s0", ignore=shutil.ignore_patterns("checkpoints"))
+    for node in ("sft", "grpo_r0", "grpo", "fresh"):
+        rec = json.loads((out / "auto" / "s0" / node / "bench_done.json").read_text())
+        for tag, m in rec["evals"].items():
+            m["eval/all/pass@1"] = {"round0_sft": 0.2, "round0": 0.25, "round1": 0.3}[tag]
+            if node == "fresh" and tag == "round1":
+                m["eval/all/pass@1"] = 0.26
+        (out / "auto" / "s0" / node / "bench_done.json").write_text(json.dumps(rec))
+        rec["seed"] = 1
+        for tag, m in rec["evals"].items():
+            m["eval/all/pass@1"] += 0.1
+        (out / "auto" / "s1" / node).mkdir(parents=True)
+        (out / "auto" / "s1" / node / "bench_done.json").write_text(json.dumps(rec))
+    res = _bench("--seeds", "0", "1", "--arms", "sft", "grpo", "fresh", "--attention", "auto", "--out", str(out),
+                 "--report-only")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    st = next(r for r in rows if r["bench"] == "learning" and r["arm"] == "grpo" and r["round"] == "round1"
+              and r["group"] == "all" and r["metric"] == "pass@1")
+    assert st["mean"] == pytest.approx(0.35) and st["std"] == pytest.approx(np.std([0.3, 0.4], ddof=1))
+    gain = next(r for r in rows if r["bench"] == "learning_paired" and r["comparison"] == "GRPO - SFT"
+                and r["metric"] == "all/pass@1")
+    assert gain["mean"] == pytest.approx(0.1) and gain["positive"] == 2 and gain["std"] == pytest.approx(0.0, abs=1e-9)
+    fly = next(r for r in rows if r["bench"] == "learning_paired" and r["comparison"] == "flywheel - fresh"
+               and r["metric"] == "all/pass@1")
+    assert fly["mean"] == pytest.approx(0.04)
+    assert bench_learning.ARM_NODE.keys() == set(bench_learning.ARMS)
