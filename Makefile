@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Two workers: subprocess-heavy tests (teacher server, multi-process, resume-after-kill) overlap with compute.
 PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench aot tpu-venv
 
 include mk/sglang.mk
 .DEFAULT_GOAL := demo
@@ -24,12 +24,34 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m agq_jax.demo
 
-# The suite includes a real SGLang (sglang-jax, CPU) teacher server, so it needs .venv-sglang too.
-test: $(STAMP) $(SGLANG_STAMP)
+# The TPU compiler on this CPU host: .venv-tpu is .venv plus libtpu (the wheel `jax[tpu]` of the pinned jax
+# installs), layered with a .pth file so both run the very same jax / flax. ~20 s from a cached wheel.
+LIBTPU_VERSION := 0.0.42.1
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed-libtpu-$(LIBTPU_VERSION)
+
+$(TPU_STAMP): $(STAMP)
+	test -x $(TPU_VENV)/bin/python || $$($(PY) -c 'import sys; print(sys._base_executable)') -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q --no-deps libtpu==$(LIBTPU_VERSION)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	  $$($(TPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/agq_base_venv.pth
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -c "import jax, libtpu, flax; print('libtpu ok, jax', jax.__version__)"
+	touch $@
+
+tpu-venv: $(TPU_STAMP)
+
+# Every TPU layout of the shipped configs compiled for its slice (docs/launch.md's table); cached in runs/aot.
+AOT_CONFIGS ?= configs/0_6b.py configs/8b.py configs/30b_a3b.py configs/235b_a22b.py
+aot: $(TPU_STAMP)
+	JAX_PLATFORMS=cpu PYTHONPATH=$(CURDIR) $(TPU_VENV)/bin/python -m agq_jax.aot.sweep $(AOT_CONFIGS)
+
+# The suite includes a real SGLang (sglang-jax, CPU) teacher server, so it needs .venv-sglang too, and the
+# TPU compiler (.venv-tpu) for tests/test_aot.py.
+test: $(STAMP) $(SGLANG_STAMP) $(TPU_STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TPU_VENV) build *.egg-info

@@ -22,8 +22,10 @@ DEFAULT_LAYOUT = "v6e-8"
 # one row per device; see `python launch/mesh_plan.py configs/0_6b.py`.
 MESH_LAYOUTS = {
     "v6e-8": Layout("tpu-v6e", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
+                    decode_batch_size=64, topology="v6e:2x4/2x4x1",
                     note="one v6e-8 host (8 chips x 32 GB); tensor=2 halves each chip's attention scores"),
     "v5p-8": Layout("tpu-v5p", 4, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_rows=4,
+                    decode_batch_size=128, topology="v5p:2x2x1",
                     note="one v5p-8 host (4 chips x 95 GB)"),
     "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=1, expert=1), micro_batch_rows=8,
                      note="one 8xH100 node"),

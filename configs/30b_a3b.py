@@ -23,12 +23,17 @@ DEFAULT_LAYOUT = "v5p-64"
 
 MESH_LAYOUTS = {
     "v5p-64": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
+                     decode_batch_size=128, topology="v5p:2x4x4",
                      note="32 chips / 8 hosts; tensor=4 inside a host, FSDP over the slice"),
     "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
+                     decode_batch_size=64, topology="v5p:2x2x4",
                      note="16 chips / 4 hosts; ~31 GB of training state per chip"),
-    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=2), micro_batch_rows=4,
-                        note="expert parallel: 64 experts per expert shard, tensor=4 inside a host"),
+    # tensor x expert = 4 = one host's chips, so a host can hold its rollout copy (4 x 2 would span two hosts)
+    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=2, expert=2), micro_batch_rows=8,
+                        decode_batch_size=64, topology="v5p:2x4x4",
+                        note="expert parallel: 64 experts per expert shard, tensor=2 x expert=2 inside a host"),
     "v6e-64": Layout("tpu-v6e", 64, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=16,
+                     decode_batch_size=8, topology="v6e:8x8",
                      note="64 chips x 32 GB; ~8 GB of training state per chip"),
     "h100x16": Layout("h100", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                       note="two 8xH100 nodes; tensor=4 over NVLink, FSDP across both nodes"),

@@ -53,6 +53,8 @@ class Layout(NamedTuple):
     mesh: Mapping[str, int]
     micro_batch_rows: int
     note: str = ""
+    topology: str = ""            # TPU slice for `python -m agq_jax.aot` (get_topology_desc name); "" on GPU
+    decode_batch_size: int = 0    # episodes one host decodes together (from its compiled memory); 0 = all
 
 
 def mesh_shape(layout: Layout, devices: int | None = None) -> dict[str, int]:
@@ -175,6 +177,7 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.rollout.max_new_tokens_per_turn = 0
     c.rollout.enable_thinking = True
     c.rollout.max_workers = 64
+    c.rollout.decode_batch_size = lay.decode_batch_size
     c.env.max_agent_turns = MAX_AGENT_TURNS
     c.env.max_user_turns = MAX_USER_TURNS
 

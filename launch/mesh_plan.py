@@ -1,14 +1,20 @@
 #!/usr/bin/env python
-"""Plan a config's mesh layouts without hardware: build the model abstractly (no weights), shard it on a
-simulated mesh of each named layout, and report parameter counts and per-device memory.
+"""Parameter counts and sharding of a config's mesh layouts, and the memory *estimate* of its GPU layouts.
 
     python launch/mesh_plan.py configs/30b_a3b.py                 # every layout of the config
     python launch/mesh_plan.py configs/30b_a3b.py --layout h100x16 --devices 32
     python launch/mesh_plan.py configs/8b.py --json               # one JSON line per layout
 
-Per-device "train state" = fp32-or-param-dtype params + gradients + two AdamW moments, the part that
-must stay resident; the rest of HBM holds activations (remat'd per layer) and rollout KV caches.
-tests/test_configs.py uses these functions to keep the big configs from rotting.
+TPU layouts are not estimated here: the TPU compiler runs on a CPU host, so their memory, FLOPs and
+roofline come from compiling the real programs (`python -m agq_jax.aot --config=configs/NAME.py:LAYOUT`,
+`make aot`). GPU layouts cannot be compiled without GPUs, so this file keeps an arithmetic estimate for them:
+resident train state = params + gradients + two AdamW moments in param_dtype, plus one layer's
+materialised attention scores for the device's rows when no fused kernel runs; the compiler's TPU figures
+show what it misses (MoE token buffers, the sampler's cache copies, optimizer state resident during
+rollouts: 7-17 GiB per device on the MoE layouts). Check a GPU layout on its hardware with
+`python -m agq_jax.aot --config=configs/NAME.py:LAYOUT` run on the GPU node itself (it compiles for
+the local devices when the layout names no TPU topology; docs/launch.md, "Memory").
+tests/test_configs.py uses these functions to keep the big configs' sharding from rotting.
 """
 from __future__ import annotations
 

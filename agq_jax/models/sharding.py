@@ -69,11 +69,34 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 4-axis mesh with Auto axis types (GSPMD propagation; explicit constraints via the rules)."""
+    """A 4-axis mesh with Auto axis types (GSPMD propagation; explicit constraints via the rules).
+
+    Devices of several processes (a multi-host slice) are ordered process-major, each host's chips by their
+    physical coordinates, so the innermost axes (`tensor` x `expert`) stay inside one host whenever they fit
+    its chips: that is what lets each host hold a whole rollout copy of the weights sharded over its own
+    chips (`rollout.placement`). `jax.make_mesh`'s physical placement does not keep them there (on v5p 2x4x4
+    its tensor groups span hosts) and cannot place some shapes at all (tensor=4 on a v6e 8x8 slice)."""
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if len({d.process_index for d in devices}) > 1:
+        return Mesh(np.array(host_major_order(devices), dtype=object).reshape(shape), MESH_AXES, axis_types=axis_types)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except (NotImplementedError, ValueError):
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES, axis_types=axis_types)
+
+
+def host_major_order(devices: Sequence[jax.Device]) -> list[jax.Device]:
+    """Devices sorted by (process, physical coordinates, core): contiguous runs are one host's chips."""
+    def key(d):
+        coords = tuple(getattr(d, "coords", ()) or ())
+        return (d.process_index, coords[::-1], getattr(d, "core_on_chip", 0), d.id)
+    return sorted(devices, key=key)
 
 
 def logical_to_pspec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh,

@@ -183,6 +183,17 @@ _update_donating = jax.jit(_update, static_argnums=(0, 3, 4), donate_argnums=1)
 _update_keeping = jax.jit(_update, static_argnums=(0, 3, 4))
 
 
+def train_state_shardings(optim: OptimConfig, params, param_shardings, model_state, mesh: Mesh) -> TrainState:
+    """Shardings of a TrainState: params as given, AdamW moments exactly like their params (FSDP memory),
+    everything else replicated. `params` may be abstract (the AOT compiler builds the state from shapes)."""
+    rep = NamedSharding(mesh, P())
+    tx = make_optimizer(optim)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_shardings,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=param_shardings, model_state=jax.tree.map(lambda _: rep, model_state),
+                      opt_state=opt_sh, rng=rep)
+
+
 class Trainer:
     """Owns the train state and the jitted update for one model; see module docstring.
 
@@ -213,13 +224,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _state_shardings(self, params, model_state) -> TrainState:
-        rep = NamedSharding(self.mesh, P())
-        tx = make_optimizer(self.optim_cfg)
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
-                                       transform_non_params=lambda _: rep)
-        return TrainState(step=rep, params=param_sh, model_state=jax.tree.map(lambda _: rep, model_state),
-                          opt_state=opt_sh, rng=rep)
+        return train_state_shardings(self.optim_cfg, params, jax.tree.map(lambda x: x.sharding, params),
+                                     model_state, self.mesh)
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

@@ -1,0 +1,187 @@
+"""The programs a run executes, lowered and compiled from shapes alone for any mesh (a TPU topology's devices).
+
+Nothing here allocates device memory: the model, the train state and the batches are `ShapeDtypeStruct`s
+carrying the shardings the run gives them (the project's own logical rules, `Trainer`'s state shardings,
+the sampler's cache sharding), and the functions compiled are the run's own jitted callables
+(`rl.step._update_donating`, `rl.step._logprobs_jit`, the sampler's prefill / decode,
+`rollout.placement.reshard_fn`), so a change to any of them changes what is compiled here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from agq_jax.aot import hlo
+from agq_jax.models import sharding as shd
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Per-device figures of one compiled program (bytes, flops per device)."""
+
+    name: str
+    arguments: int
+    outputs: int
+    temporaries: int
+    aliased: int
+    generated_code: int
+    peak: int                      # arguments + temporaries + outputs not aliased to a donated argument
+    flops: float                   # loop-aware (hlo.analyze)
+    hbm_bytes: float               # loop-aware bytes read + written by the top-level kernels
+    collective_bytes: float
+    collectives: dict
+    xla_flops: float               # cost_analysis(): loop bodies counted once (for comparison)
+    kernels_without_cost: dict     # custom calls whose flops are unknown
+    compile_s: float
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compile_and_measure(name: str, lowered, note: str = "", hlo_path=None) -> Compiled:
+    """Compile `lowered`; with `hlo_path`, keep its optimized HLO (gzip) so the accounting can be redone."""
+    import gzip
+    import time
+
+    t0 = time.time()
+    compiled = lowered.compile()
+    dt = time.time() - t0
+    if hlo_path is not None:
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(compiled.as_text())
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    walk = hlo.analyze(compiled.as_text())
+    alias = int(mem.alias_size_in_bytes)
+    peak = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - alias)
+    return Compiled(name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
+                    temporaries=int(mem.temp_size_in_bytes), aliased=alias,
+                    generated_code=int(mem.generated_code_size_in_bytes), peak=peak, flops=walk.flops,
+                    hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
+                    collectives={k: float(v) for k, v in walk.collectives.items()},
+                    xla_flops=float(cost.get("flops", 0.0)), kernels_without_cost=dict(walk.custom_calls),
+                    compile_s=dt, note=note)
+
+
+# ---- abstract state ---------------------------------------------------------------------------------
+
+def abstract_model(cfg, dtype, param_dtype):
+    """(graphdef, abstract params, abstract non-param state) of the model: shapes only, nothing allocated."""
+    from agq_jax.models.qwen3 import Qwen3ForCausalLM
+
+    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                                                     param_dtype=jnp.dtype(param_dtype)))
+    return model, nnx.split(model, nnx.Param, ...)
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree` (arrays or abstract values) placed by `shardings` (same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(graphdef, params, model_state, mesh, optim):
+    """The Trainer's TrainState as ShapeDtypeStructs with the Trainer's shardings."""
+    from agq_jax.rl.step import TrainState, _init_state, _Spec, train_state_shardings
+
+    p_sh = shd.state_shardings(params, mesh)
+    spec = _Spec(graphdef, None, optim, mesh, ())
+    state = jax.eval_shape(lambda p, m: _init_state(spec, p, m, jnp.zeros((2,), jnp.uint32)), params, model_state)
+    sh = train_state_shardings(optim, params, p_sh, model_state, mesh)
+    assert isinstance(state, TrainState)
+    return with_shardings(state, sh)
+
+
+def row_batch(mesh, batch_axes, rows: int, seq: int, keys_dtypes: dict[str, Any]):
+    """A global [rows, seq] batch (and [rows] vectors) sharded over the batch axes, as Trainer.to_device does."""
+    sharding = NamedSharding(mesh, P(batch_axes or None))
+    out = {}
+    for k, dt in keys_dtypes.items():
+        shape = (rows,) if k == "advantages" else (rows, seq)
+        out[k] = jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=sharding)
+    return out
+
+
+GRPO_BATCH = {"input_ids": "int32", "attention_mask": "int32", "loss_mask": "float32", "old_logprobs": "float32",
+              "advantages": "float32"}
+
+
+def batch_axes_of(mesh) -> tuple[str, ...]:
+    return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+
+
+# ---- the programs -----------------------------------------------------------------------------------
+
+def lower_train_update(graphdef, state, mesh, loss, optim, *, mini_rows: int, micro_rows: int, seq: int):
+    """One GRPO optimizer step over a mini-batch of `mini_rows` rows in micro-batches of `micro_rows`."""
+    from agq_jax.rl.step import _Spec, _update_donating
+
+    axes = batch_axes_of(mesh)
+    spec = _Spec(graphdef, loss, optim, mesh, axes)
+    mini = row_batch(mesh, axes, mini_rows, seq, GRPO_BATCH)
+    if mini_rows % micro_rows:
+        raise ValueError(f"mini-batch of {mini_rows} rows is not a multiple of micro-batch {micro_rows}")
+    with jax.set_mesh(mesh):
+        return _update_donating.lower(spec, state, mini, mini_rows // micro_rows, loss.stage)
+
+
+def lower_logprobs(graphdef, state, mesh, loss, optim, *, rows: int, seq: int):
+    """The old-log-prob / KL-reference pass (`Trainer.compute_logprobs`, one micro-batch per call)."""
+    from agq_jax.rl.step import _logprobs_jit, _Spec
+
+    axes = batch_axes_of(mesh)
+    spec = _Spec(graphdef, loss, optim, mesh, axes)
+    batch = row_batch(mesh, axes, rows, seq, {"input_ids": "int32", "attention_mask": "int32"})
+    with jax.set_mesh(mesh):
+        return _logprobs_jit.lower(spec, state.params, state.model_state, batch)
+
+
+def abstract_cache(cfg, mesh, batch: int, cache_len: int, dtype):
+    from agq_jax.models.qwen3 import KVCache
+
+    shape = (cfg.num_hidden_layers, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+    kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shd.cache_sharding(mesh, shape))
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_batch_sharding(mesh, (batch,)))
+    return KVCache(kv, kv, lengths)
+
+
+def _batch_sharding(mesh, shape):
+    logical = ["batch"] + [None] * (len(shape) - 1)
+    return NamedSharding(mesh, shd.logical_to_pspec(logical, shape, mesh))
+
+
+def _batch_arg(mesh, shape, dtype):
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=_batch_sharding(mesh, shape))
+
+
+def lower_sampler(model, rollout_state, mesh, *, batch: int, max_len: int, chunk: int, pad_id: int,
+                  params) -> tuple[Callable, Callable]:
+    """(lower prefill, lower decode) of the run's Sampler for a `batch`-row rollout batch on `mesh`."""
+    from agq_jax.rollout.sampler import Sampler
+
+    sampler = Sampler(model, mesh=mesh, pad_id=pad_id, chunk_size=chunk)
+    cache = abstract_cache(model.config, mesh, batch, max_len + chunk, sampler.cache_dtype)
+    vocab = model.config.vocab_size
+    logits = _batch_arg(mesh, (batch, vocab), jnp.float32)
+
+    def prefill():
+        ids = _batch_arg(mesh, (batch, chunk), jnp.int32)
+        with jax.set_mesh(mesh):
+            return sampler._prefill.lower(sampler.graphdef, rollout_state, cache, ids, ids, logits)
+
+    def decode():
+        rng = jax.eval_shape(lambda: jax.random.key(0))
+        active = _batch_arg(mesh, (batch,), jnp.bool_)
+        budget = _batch_arg(mesh, (batch,), jnp.int32)
+        with jax.set_mesh(mesh):
+            return sampler._decode.lower(sampler.graphdef, rollout_state, cache, logits, rng, active, budget,
+                                         jax.ShapeDtypeStruct((), jnp.int32), params=params, max_new=max_len, pad_id=pad_id)
+
+    return prefill, decode

@@ -1,0 +1,178 @@
+"""The AOT compiler tool (`python -m agq_jax.aot`): its loop-aware HLO accounting, and its figures for a small
+model of each family compiled for a real TPU topology (v5e 2x2) by libtpu in .venv-tpu.
+
+The TPU check runs in a subprocess under .venv-tpu (`make tpu-venv`: .venv plus libtpu); it skips, saying so,
+only when that interpreter is missing and libtpu cannot be installed from the package index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TPU_PY = REPO / ".venv-tpu" / "bin" / "python"
+
+
+def test_hlo_counts_every_loop_iteration():
+    """cost_analysis() counts a scan body once; hlo.analyze multiplies it by the trip count (nested too)."""
+    import jax
+    import jax.numpy as jnp
+
+    from agq_jax.aot import hlo
+
+    m, k, layers, outer = 64, 128, 6, 3
+
+    def f(x, ws):
+        def inner(h, w):
+            return jnp.tanh(h @ w), None
+
+        def outer_body(h, _):
+            return jax.lax.scan(inner, h, ws)[0], None
+
+        return jax.lax.scan(outer_body, x, None, length=outer)[0]
+
+    x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+    ws = jax.ShapeDtypeStruct((layers, k, k), jnp.float32)
+    compiled = jax.jit(f).lower(x, ws).compile()
+    cost = hlo.analyze(compiled.as_text())
+    assert cost.unknown_loops == 0
+    assert cost.flops == 2 * m * k * k * layers * outer
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+    assert xla["flops"] < cost.flops / 4  # what the loop-aware count corrects
+    # bytes: at least every layer's weight read once per outer step
+    assert cost.bytes >= layers * outer * k * k * 4
+
+
+def _tpu_python() -> pathlib.Path:
+    if TPU_PY.is_file():
+        return TPU_PY
+    make = subprocess.run(["make", "tpu-venv"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    if make.returncode != 0 or not TPU_PY.is_file():
+        pytest.skip(f"libtpu cannot be installed here (`make tpu-venv` failed): {make.stderr[-500:]}")
+    return TPU_PY
+
+
+SCRIPT = r'''
+import json, sys
+import jax, jax.numpy as jnp
+from flax import nnx
+from agq_jax.aot.__main__ import format_result, run
+from agq_jax.aot import chips, layouts, programs as pr
+from agq_jax.driver.build import trainer_configs
+from agq_jax.models import sharding as shd
+from agq_jax.models.qwen3 import Qwen3ForCausalLM
+from agq_jax.rl import step
+from agq_jax.rl.optim import make_optimizer
+from agq_jax.run_config import RunConfig, load_configdict, model_config
+
+family = sys.argv[1]
+spec = "configs/30b_a3b.py:v5p-64" if family == "moe" else "configs/8b.py:v5p-32"
+c = load_configdict(spec)
+c.model.preset = ""
+c.model.hf_path = ""
+small = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+if family == "moe":
+    small.update(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                 norm_topk_prob=True)
+c.model.overrides = small
+c.mesh.update(fsdp=-1, tensor=2)
+c.rl.update(tasks_per_step=4, group_size=4, mini_batch_tasks=2, micro_batch_rows=4)
+c.rollout.update(max_len=512, max_response_tokens=256, chunk_size=128, decode_batch_size=8)
+rc = RunConfig.from_configdict(c)
+result = run(spec, rc=rc, topology="v5e:2x2")
+print(format_result(result), file=sys.stderr)
+
+# The same update compiled independently: the Trainer's state layout built by hand from the model.
+cfg = model_config(rc, weights_optional=True)
+optim, loss, _ = trainer_configs(rc, "grpo")
+mesh = layouts.mesh_of(rc, chips.topology_devices("v5e:2x2"))
+model = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32))
+graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+p_sh = shd.state_shardings(params, mesh)
+state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, model_state=rest,
+                        opt_state=jax.eval_shape(make_optimizer(optim).init, params),
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+state = pr.with_shardings(state, step.train_state_shardings(optim, params, p_sh, rest, mesh))
+rows, seq = 8, 512
+rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+mini = {k: jax.ShapeDtypeStruct((rows,) if k == "advantages" else (rows, seq), jnp.dtype(dt), sharding=rep)
+        for k, dt in pr.GRPO_BATCH.items()}
+spec_ = step._Spec(graphdef, loss, optim, mesh, ("data", "fsdp"))
+with jax.set_mesh(mesh):
+    mem = step._update_donating.lower(spec_, state, mini, 2, "grpo").compile().memory_analysis()
+n_params = sum(x.size for x in jax.tree.leaves(params))
+print(json.dumps({"result": result, "independent": {"arguments": mem.argument_size_in_bytes,
+      "temporaries": mem.temp_size_in_bytes, "outputs": mem.output_size_in_bytes}, "params": int(n_params)}))
+'''
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_tpu_figures_match_the_compiled_programs(family, tmp_path):
+    py = _tpu_python()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    out = subprocess.run([str(py), "-c", SCRIPT, family], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    r, ind = data["result"], data["independent"]
+    train = r["programs"]["train"]
+    # the tool reports what XLA's memory_analysis says for the update it compiles
+    assert (train["arguments"], train["temporaries"], train["outputs"]) == (
+        ind["arguments"], ind["temporaries"], ind["outputs"])
+    # arguments = fp32 params + 2 AdamW moments (sharded over 4 chips, small replicated leftovers) + the batch
+    assert 3 * 4 * data["params"] / 4 <= train["arguments"] <= 3 * 4 * data["params"] / 2 + 2**20
+    assert train["aliased"] > 0.9 * (train["arguments"] - 8 * 512 * 16)  # the state is donated
+    assert r["fits"] and all(p["fits"] for p in r["programs"].values())
+    for name in ("train", "logprobs", "reshard", "prefill", "decode"):
+        p = r["programs"][name]
+        assert p["peak"] == p["arguments"] + p["temporaries"] + p["outputs"] - p["aliased"]
+    # loop-aware FLOPs: the update does at least the 6 x active params x tokens of the model
+    assert train["flops_ratio"] >= 1.0
+    assert train["flops"] > 2 * train["xla_flops"]  # 2 layers x 2 micro-batches counted, not once
+    # the decode program holds the bf16 rollout copy, split over the host's tensor groups
+    assert r["programs"]["decode"]["arguments"] < train["arguments"]
+
+
+MESH_SCRIPT = r'''
+import json
+from agq_jax.aot import chips, layouts
+from agq_jax.aot.sweep import tpu_layouts
+from agq_jax.rollout import placement
+from agq_jax.run_config import load
+out = {}
+for path in ("configs/0_6b.py", "configs/8b.py", "configs/30b_a3b.py", "configs/235b_a22b.py"):
+    for layout in tpu_layouts(path):
+        spec = f"{path}:{layout}"
+        devices = chips.topology_devices(layouts.topology_of(spec))
+        mesh = layouts.mesh_of(load(spec), devices)
+        try:
+            blocks = {p: b.shape for p, b in placement.process_blocks(mesh).items()}
+        except ValueError as e:
+            blocks = str(e)
+        out[spec] = dict(devices=len(devices), mesh=dict(mesh.shape), size=int(mesh.devices.size),
+                         unique=len({d.id for d in mesh.devices.flat}),
+                         hosts=len({d.process_index for d in devices}), blocks=str(blocks))
+print(json.dumps(out))
+'''
+
+
+def test_every_tpu_layout_builds_its_mesh_on_the_real_topology():
+    """sharding.make_mesh places every shipped TPU layout on its slice's devices (v6e 8x8 included, where
+    jax.make_mesh cannot), and each host's chips hold whole tensor x expert groups (its rollout copy)."""
+    py = _tpu_python()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    out = subprocess.run([str(py), "-c", MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "configs/30b_a3b.py:v6e-64" in res and res["configs/30b_a3b.py:v6e-64"]["mesh"]["fsdp"] == 16
+    for name, r in res.items():
+        assert r["size"] == r["unique"] == r["devices"], name
+        assert "spans" not in r["blocks"], (name, r["blocks"])
+        assert r["blocks"].count("(") == r["hosts"], (name, r["blocks"])  # a block of whole groups per host
