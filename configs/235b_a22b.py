@@ -5,6 +5,11 @@
 235B params (22B active): fp32 master + grads + AdamW is ~3.8 TB. The paper trains students up to
 30B-A3B and uses this model as the *teacher*; this config exists so the sharding of the largest Qwen3
 is built and checked abstractly in the tests, and as a starting point for a self-distillation run.
+
+Not runnable end to end on v5p-256 yet: its bf16 rollout copy (470 GB) does not fit one 4-chip host
+(rollouts need groups spanning hosts), and whether the train step fits 14,336-token rows with splash
+attention is for `python -m agq_jax.aot --config=configs/235b_a22b.py:v5p-256` to say (before splash it
+needed 120 GiB of temporaries and fit at 8,192).
 """
 from agq_jax.run_config import sibling
 

@@ -111,11 +111,17 @@ class Policy:
         return RolloutBatch(multihost.gather_episodes(local, bounds), pad_id=self.ids.pad)
 
     def _local_sampler(self):
-        """(sampler on this process's devices, the current weights there); weights re-copied per model version."""
+        """(sampler on this process's devices, this host's rollout copy of the weights: compute dtype, split over
+        the host's tensor x expert chips; `rollout.placement`), re-made once per model version."""
+        from agq_jax.rollout import placement
+
         if self._local is None or self._local[0] is not self.model:
+            if self.mesh is None:
+                raise ValueError("multi-process rollouts need the global mesh (config mesh.enabled)")
             if self._local_mesh is False:
-                self._local_mesh = multihost.local_mesh()
-            state = multihost.local_state(self.model, self.mesh, self._local_mesh)
+                self._local_mesh = placement.local_mesh(self.mesh)
+            copy = placement.reshard(nnx.state(self.model), self.mesh, self.model.dtype)
+            state = placement.local_view(copy, self._local_mesh)
             sampler = shared_sampler(self.model, mesh=self._local_mesh, pad_id=self.ids.pad,
                                      chunk_size=self.chunk_size)
             self._local = (self.model, sampler, state)

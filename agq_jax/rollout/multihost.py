@@ -4,10 +4,9 @@ Every process builds the same envs from the same items; process p resets and ste
 then the finished episodes are gathered so every process returns the same full `RolloutBatch`, in env order.
 - Sampling runs process-locally: the driver's mesh spans all hosts, but episodes end at different turns on
   different hosts, so a global program would force every host to run every turn's decode in lockstep.
-  The weights are replicated once per model version over the global mesh (one on-device all-gather, a
-  jitted identity with a replicated output sharding), then each process views its copy on its local devices:
-  one device -> no mesh; several -> a local data-parallel mesh over `jax.local_devices()`. (A model that
-  does not fit one device needs a tensor-parallel local mesh here; not done yet.)
+  Each host samples from its own copy of the weights in the compute dtype, split over its `tensor` x
+  `expert` chips, made once per model version by one global program (`rollout.placement`), on a local mesh
+  (data-parallel over the host's tensor groups).
 - RNG: the sampler draws each token from one `[B, W]` Gumbel array per decode step. With JAX's
   partitionable threefry (the default) element (row, j) of that draw depends only on (key, row * W + j),
   so process p decodes its rows with a key of a row-offset PRNG implementation (`row_offset_key`): same
@@ -28,7 +27,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 
 def row_bounds(n: int, processes: int) -> list[tuple[int, int]]:
@@ -40,36 +38,6 @@ def row_bounds(n: int, processes: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
-
-
-def local_mesh():
-    """None on one local device, else a data-parallel mesh over this process's devices (weights replicated)."""
-    devs = jax.local_devices()
-    if len(devs) == 1:
-        return None
-    from agq_jax.models import sharding
-
-    return sharding.make_mesh(sharding.MeshConfig(data=len(devs), fsdp=1, tensor=1, expert=1), devices=devs)
-
-
-def local_state(model, mesh, lmesh):
-    """The model's weights as arrays on this process's devices (replicated), from a global-mesh model."""
-    state = nnx.state(model)
-    leaves = jax.tree.leaves(state)
-    if all(x.is_fully_addressable for x in leaves):
-        return state if lmesh is None else jax.device_put(state, jax.sharding.NamedSharding(lmesh, jax.sharding.PartitionSpec()))
-    if mesh is None:
-        raise ValueError("local_state: the weights span processes but no global mesh was given")
-    rep = jax.jit(lambda s: s, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(state)
-
-    def view(x):
-        shards = x.addressable_shards
-        if lmesh is None:
-            return shards[0].data
-        return jax.make_array_from_single_device_arrays(
-            x.shape, jax.sharding.NamedSharding(lmesh, jax.sharding.PartitionSpec()), [s.data for s in shards])
-
-    return jax.tree.map(view, rep)
 
 
 _OFFSET_IMPLS: dict = {}
