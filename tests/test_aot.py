@@ -85,8 +85,9 @@ c.mesh.update(fsdp=-1, tensor=2)
 c.rl.update(tasks_per_step=4, group_size=4, mini_batch_tasks=2, micro_batch_rows=4)
 c.rollout.update(max_len=512, max_response_tokens=256, chunk_size=128, decode_batch_size=8)
 rc = RunConfig.from_configdict(c)
-result = run(spec, rc=rc, topology="v5e:2x2")
+result = run(spec, rc=rc, topology="v5e:2x2", cache_dir=sys.argv[2])
 print(format_result(result), file=sys.stderr)
+assert run(spec, rc=rc, topology="v5e:2x2", cache_dir=sys.argv[2]) == json.loads(json.dumps(result))  # cached
 
 # The same update compiled independently: the Trainer's state layout built by hand from the model.
 cfg = model_config(rc, weights_optional=True)
@@ -117,8 +118,8 @@ def test_tpu_figures_match_the_compiled_programs(family, tmp_path):
     py = _tpu_python()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    out = subprocess.run([str(py), "-c", SCRIPT, family], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=1200)
+    out = subprocess.run([str(py), "-c", SCRIPT, family, str(tmp_path / "aot")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     r, ind = data["result"], data["independent"]

@@ -29,17 +29,15 @@ def _source_digest() -> str:
 
 
 def cache_key(rc, topology: str, programs) -> str:
-    import dataclasses
+    from importlib.metadata import PackageNotFoundError, version
 
     import jax
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         tpu = version("libtpu")
     except PackageNotFoundError:
         tpu = "none"
-    blob = json.dumps([dataclasses.asdict(rc), topology, list(programs), _source_digest(), jax.__version__, tpu],
-                      sort_keys=True, default=str)
+    blob = json.dumps([repr(rc), topology, list(programs), _source_digest(), jax.__version__, tpu])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
