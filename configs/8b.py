@@ -25,7 +25,7 @@ MESH_LAYOUTS = {
                      decode_batch_size=64, topology="v5p:2x2x2",
                      note="8 chips / 2 hosts; ~16 GB of training state per chip"),
     "v6e-32": Layout("tpu-v6e", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
-                     decode_batch_size=32, topology="v6e:4x8",
+                     decode_batch_size=16, topology="v6e:4x8",
                      note="32 chips x 32 GB; ~4 GB of training state per chip"),
     "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
                      note="one 8xH100 node; ~16 GB of training state per GPU"),
