@@ -95,10 +95,10 @@ def chat_with_export(export_dir: str, rc, max_new_tokens: int = 96) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agq_jax.driver.data import heldout_items, make_env
+    from agq_jax.driver.data import heldout_items, make_env, make_world
 
     item = heldout_items(rc)[0]
-    env = make_env(item, rc.env, world="scripted")
+    env = make_env(item, make_world(rc.env, scripted=True))
     messages = env.reset()
     tools = None if getattr(env, "embed_tools", False) else (env.tool_schemas or None)  # as the rollouts render it
     tok = AutoTokenizer.from_pretrained(export_dir)

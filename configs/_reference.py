@@ -4,9 +4,13 @@ Not a config itself (no `get_config`): each config file loads it with `sibling(_
 calls `build(...)` with its model preset and named mesh layouts, and overrides what differs. Plain Python
 (no jax import), so loading a config stays instant.
 
-Reference settings (AgenticQwen paper / its verl recipe): G=16 rollouts per task, 64 tasks per step,
-mini-batch 16 tasks, lr 1e-6 constant, PPO-clip with clip-higher 0.2 / 0.28, no KL, 10,000-token
-responses, at most 15 agent turns and 15 simulated-user turns; GSPO for Qwen3-30B-A3B.
+Reference settings (AgenticQwen paper / its verl recipe, RL/my_script/scripts/run_virtual_tool.sh): G=16
+rollouts per task, 64 tasks per step, mini-batch 16 tasks, lr 1e-6 constant, PPO-clip with clip-higher
+0.2 / 0.28 and dual clip c = 10, no KL, no dynamic sampling and no overlong filtering, 10,000-token
+responses, at most 15 agent turns and 15 simulated-user turns, non-thinking policy (/no_think); GSPO for
+Qwen3-30B-A3B. Episodes run in the paper's world: a teacher mock user, teacher mock tools and the rubric
+judge, under the reference agent protocol and its reward gate; the released AgenticQwen tasks (the demo
+file when the shared data sits beside the repository) are trained on beside the flywheel's, a tenth held out.
 
 Every layout also has a `cpu-smoke` variant (`--config=configs/NAME.py:cpu-smoke`, or
 `cpu-smoke@LAYOUT`): the same recipe and code path at toy size on 8 forced CPU devices — a random model of
@@ -16,6 +20,7 @@ every teacher role served by the scripted loopback teacher, the layout's mesh ax
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, NamedTuple
 
 from agq_jax.run_config import defaults
@@ -38,6 +43,14 @@ GSPO_CLIP_LOW, GSPO_CLIP_HIGH = 3e-4, 4e-4
 # override `--config.teachers.default.base_url=... --config.teachers.default.model=...`.
 TEACHER_URL = "http://127.0.0.1:30000/v1"
 TEACHER_MODEL = "qwen3-235b-a22b"   # Qwen3-235B-A22B(-Instruct-2507): synthesizer, simulated user/tools, judge
+DUAL_CLIP_C = 10.0                  # the reference's clip_ratio_c
+REFERENCE_GATES = ("no_forbidden", "tool_response", "clean_end")   # + its gate: a tool response and a clean end
+
+# The released AgenticQwen demo tasks live in shared/ beside the repository (or $AGQ_SHARED); without them the
+# run trains on the flywheel's tasks alone.
+_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+DEMO_TASKS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "tool_use_demo.json"))
+TASK_FILES = (DEMO_TASKS,) if os.path.isfile(DEMO_TASKS) else ()
 
 
 # ---- mesh layouts ------------------------------------------------------------------------------------
@@ -144,6 +157,8 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.data.reasoning_weight = 0.5
     c.data.schedule = "mixed"
     c.data.heldout_tasks = 256
+    c.data.task_files = TASK_FILES
+    c.data.task_heldout_fraction = 0.1
 
     c.sft.enabled = False               # the Qwen3 checkpoints already speak the tool-call format
 
@@ -163,8 +178,9 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.rl.loss_agg = "token-mean"
     c.rl.kl_coef = 0.0
     c.rl.entropy_coef = 0.0
-    c.rl.dynamic_sampling = True
-    c.rl.overlong_filter = True
+    c.rl.dual_clip_c = DUAL_CLIP_C
+    c.rl.dynamic_sampling = False       # the reference recipe has neither (rl.dynamic_sampling / overlong_filter
+    c.rl.overlong_filter = False        # remain options)
 
     c.optim.learning_rate = LEARNING_RATE
     c.optim.warmup_steps = 0
@@ -175,9 +191,14 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.rollout.max_len = PROMPT_TOKENS + RESPONSE_TOKENS + 240  # 14,336 = 112 x 128: the KV cache length
     c.rollout.max_response_tokens = RESPONSE_TOKENS
     c.rollout.max_new_tokens_per_turn = 0
-    c.rollout.enable_thinking = True
+    c.rollout.enable_thinking = False   # the paper's models are non-thinking (the protocol's /no_think)
     c.rollout.max_workers = 64
     c.rollout.decode_batch_size = lay.decode_batch_size
+    c.env.user = "teacher"              # the paper's world: LLM mock user and tools, rubric judge
+    c.env.tools = "teacher"
+    c.env.judge = "teacher"
+    c.env.protocol = "reference"
+    c.env.gates = REFERENCE_GATES
     c.env.max_agent_turns = MAX_AGENT_TURNS
     c.env.max_user_turns = MAX_USER_TURNS
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from agq_jax.envs.rewards import SUCCESS_THRESHOLD
 from agq_jax.rl import algo
 from agq_jax.rl.batch import attach_advantages, collate, validate_batch
 
@@ -136,19 +137,19 @@ def test_entropy_dynamic_sampling_overlong():
 
 
 def test_training_rewards_hand_values():
+    t = SUCCESS_THRESHOLD   # "success" means what the evaluation counts: the environment's threshold
     rubric = np.array([[1.0, 2 / 3, 0.0, 1.0 - 1e-12]])
-    np.testing.assert_allclose(algo.training_reward("rubric", rubric), rubric.astype(np.float32))
-    np.testing.assert_allclose(algo.training_reward("success", rubric), [[1.0, 0.0, 0.0, 1.0]])
-    np.testing.assert_allclose(algo.training_reward("rubric+success", rubric), [[1.0, 1 / 3, 0.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(algo.training_reward("rubric", rubric, success_threshold=t), rubric.astype(np.float32))
+    np.testing.assert_allclose(algo.training_reward("success", rubric, success_threshold=t), [[1.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(algo.training_reward("rubric+success", rubric, success_threshold=t),
+                               [[1.0, 1 / 3, 0.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(algo.training_reward("success", rubric, success_threshold=0.5), [[1.0, 1.0, 0.0, 1.0]])
     # a group that differs only in partial credit carries no signal under "success" (dynamic sampling drops it)
     partial = np.array([[0.5, 2 / 3, 0.0, 0.25]])
-    assert not algo.zero_variance_groups(algo.training_reward("rubric", partial))[0]
-    assert algo.zero_variance_groups(algo.training_reward("success", partial))[0]
-    from agq_jax.envs.rewards import SUCCESS_THRESHOLD
-
-    assert algo.SUCCESS_THRESHOLD == SUCCESS_THRESHOLD  # "success" means what eval counts
+    assert not algo.zero_variance_groups(algo.training_reward("rubric", partial, success_threshold=t))[0]
+    assert algo.zero_variance_groups(algo.training_reward("success", partial, success_threshold=t))[0]
     with pytest.raises(KeyError, match="training reward 'binary'"):
-        algo.training_reward("binary", rubric)
+        algo.training_reward("binary", rubric, success_threshold=t)
 
 
 def test_negative_advantage_weight_hand_values():
@@ -209,11 +210,13 @@ def test_optimizer_schedule_clipping_and_decay_mask():
 def test_success_or_rubric_partial_credit_only_in_groups_without_success():
     rubric = np.array([[1.0, 2 / 3, 0.0, 0.5],      # a success in the group: plain 0/1
                        [0.25, 2 / 3, 0.0, 0.5]])    # all failures: the rubric's partial credit
-    np.testing.assert_allclose(algo.training_reward("success_or_rubric", rubric),
-                               [[1.0, 0.0, 0.0, 0.0], [0.25, 2 / 3, 0.0, 0.5]], rtol=1e-6)
+    def shaped(x):
+        return algo.training_reward("success_or_rubric", x, success_threshold=SUCCESS_THRESHOLD)
+
+    np.testing.assert_allclose(shaped(rubric), [[1.0, 0.0, 0.0, 0.0], [0.25, 2 / 3, 0.0, 0.5]], rtol=1e-6)
     # the all-failure group now carries a signal; a group of equal failures still does not
-    assert not algo.zero_variance_groups(algo.training_reward("success_or_rubric", rubric[1:]))[0]
-    assert algo.zero_variance_groups(algo.training_reward("success_or_rubric", np.full((1, 4), 0.5)))[0]
+    assert not algo.zero_variance_groups(shaped(rubric[1:]))[0]
+    assert algo.zero_variance_groups(shaped(np.full((1, 4), 0.5)))[0]
 
 
 def test_success_or_rubric_is_not_gameable_on_real_episodes():
@@ -234,10 +237,12 @@ def test_success_or_rubric_is_not_gameable_on_real_episodes():
                        "refuse": ["Sorry, I can't help with that request."], "nothing": ["Goodbye."]}
             r = {k: score(task, run_episode(task, replay_agent(v))).total for k, v in replies.items()}
             names = list(r)
-            with_gold = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in names]])))[0]
+            with_gold = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in names]]),
+                                                       success_threshold=SUCCESS_THRESHOLD))[0]
             assert with_gold[0] == 1.0 and (with_gold[1:] == 0.0).all(), (d, b, r)
             fails = names[1:]
-            shaped = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in fails]])))[0]
+            shaped = np.asarray(algo.training_reward("success_or_rubric", np.array([[r[k] for k in fails]]),
+                                                    success_threshold=SUCCESS_THRESHOLD))[0]
             np.testing.assert_allclose(shaped, [r[k] for k in fails], rtol=1e-6)
             assert (shaped < 1.0).all() and r["hack"] == 0.0, (d, b, r)
             for k, v in zip(fails, shaped):

@@ -57,13 +57,14 @@ class CountingEnv:
 def run_cases(policy, tasks) -> dict:
     import jax
 
-    from agq_jax.driver.data import AGENTIC, Item, make_env
+    from agq_jax.driver.data import AGENTIC, Item, make_env, make_world
     from agq_jax.rollout import SamplingParams
 
     out = {"cases": [], "steps": [], "resets": []}
     items = [Item(kind=AGENTIC, id=t.id, obj=t) for t in tasks]
     for n, sp, seed in CASES:
-        envs = [CountingEnv(make_env(items[(i // GROUP) % len(items)], policy.rc.env)) for i in range(n)]
+        world = make_world(policy.rc.env)
+        envs = [CountingEnv(make_env(items[(i // GROUP) % len(items)], world)) for i in range(n)]
         batch = policy.rollouts(envs, params=SamplingParams(stop_ids=policy.stop_ids, **sp), rng=jax.random.key(seed),
                                 group_ids=[i // GROUP for i in range(n)])
         out["cases"].append([episode_dict(e) for e in batch.episodes])

@@ -25,15 +25,15 @@ def _config(run_dir, kl_coef=0.0):
 
 
 def _items():
-    from agq_jax.driver.data import AGENTIC, Item, verify_gold
+    from agq_jax.driver.data import AGENTIC, Item, make_world, verify_gold
     from agq_jax.envs.worlds.generator import generate_task
 
     task, actions, words = learning_task()
     other = generate_task("retail", "refusal", seed=1)
-    env_cfg = run_config(load_tiny_config()).env
+    world = make_world(run_config(load_tiny_config()).env, scripted=True)
     train = [Item(AGENTIC, t.id, t) for t in (task, other)]
     for it in train:
-        it.gold = verify_gold(it, env_cfg)
+        it.gold = verify_gold(it, world)
     held = [Item(AGENTIC, t.id, t) for t in (generate_task("retail", "legal", 5, split="heldout"),)]
     prompts = system_prompts([it.obj for it in train + held])
     return action_tokenizer(actions + list(other.gold_replies), words, prompts), train, held

@@ -40,34 +40,35 @@ class Item:
         return {"type": REASONING, "problem": self.obj.model_dump(mode="json"), "reward": reward}
 
 
-def make_env(item: Item, env_cfg, client=None, *, world: str = "configured"):
-    """A fresh step env for `item` in the world of `env_cfg` (the run config's `env` section): its user and
-    tools, with teacher roles answered by `client` (a data_synth TeacherClient; None offline). Reasoning
-    problems get their python / search tools. world="scripted": the offline world whatever the config says
-    (gold replay must be deterministic)."""
-    if item.kind == AGENTIC:
-        from agq_jax.envs import EpisodeLimits, make_env as make_agentic_env
+def make_world(env_cfg, client=None, *, scripted: bool = False):
+    """The run's simulated world (agq_jax.envs.world) from the config's `env` section, teacher roles answered
+    by `client` (a data_synth TeacherClient; None offline). scripted=True: the offline world in the same
+    protocol and gates whatever the config says (gold replay and SFT sequences must be deterministic)."""
+    from agq_jax.envs.world import TeacherChats, World, WorldSpec
 
-        limits = EpisodeLimits(max_agent_turns=env_cfg.max_agent_turns, max_user_turns=env_cfg.max_user_turns)
-        if world == "scripted":
-            return make_agentic_env(item.obj, user="scripted", tools="auto", limits=limits)
-        user_chat = client.as_callable("mock_user") if client is not None and client.has_role("mock_user") else None
-        tool_chat = client.as_callable("mock_tool") if client is not None and client.has_role("mock_tool") else None
-        return make_agentic_env(item.obj, user=env_cfg.user, tools=env_cfg.tools, limits=limits,
-                                user_chat=user_chat, tool_chat=tool_chat)
+    spec = WorldSpec(user="scripted" if scripted else env_cfg.user, tools="auto" if scripted else env_cfg.tools,
+                     judge="none" if scripted else env_cfg.judge, protocol=env_cfg.protocol,
+                     gates=tuple(env_cfg.gates), max_agent_turns=env_cfg.max_agent_turns,
+                     max_user_turns=env_cfg.max_user_turns)
+    chats = TeacherChats(*(client.as_callable(r) if client is not None and not scripted and client.has_role(r) else None
+                           for r in ("mock_user", "mock_tool", "judge")))
+    return World(spec, chats)
+
+
+def make_env(item: Item, world, tool_cache=None):
+    """A fresh step env for `item`: agentic tasks in `world` (rollouts of one task share `tool_cache`, so the
+    teacher tools answer identical calls in identical states alike); reasoning problems with their python /
+    search tools."""
+    if item.kind == AGENTIC:
+        return world.make_env(item.obj, tool_cache=tool_cache)
     from agq_jax.envs.reasoning import ReasoningLimits, make_reasoning_env
 
-    return make_reasoning_env(item.obj, limits=ReasoningLimits(max_agent_turns=env_cfg.max_agent_turns))
+    return make_reasoning_env(item.obj, limits=ReasoningLimits(max_agent_turns=world.spec.max_agent_turns))
 
 
 def score_env(env) -> tuple[float, dict, dict]:
-    """Reward of a finished env of either family (the `score_fn` of run_rollouts)."""
-    if hasattr(env, "problem"):
-        r = env.reward()
-    else:
-        from agq_jax.envs import score
-
-        r = score(env.task, env.record)
+    """Reward of a finished env of either family (the `score_fn` of run_rollouts): its own `reward()`."""
+    r = env.reward()
     return float(r.total), dict(r.components), dict(r.gates)
 
 
@@ -91,22 +92,24 @@ def _fraction_expr(expr: str) -> str:
     return re.sub(r"\d+", lambda m: f"F({m.group(0)})", expr)
 
 
-def verify_gold(item: Item, env_cfg) -> list[str]:
-    """Replay candidate gold replies through a fresh scripted env; keep them only if the episode scores 1.0."""
-    cands = list(item.obj.gold_replies) if item.kind == AGENTIC else reasoning_gold(item.obj)
+def verify_gold(item: Item, world) -> list[str]:
+    """Replay candidate gold replies (in the world's protocol) through a fresh env of `world` (the scripted
+    one); keep them only if the episode succeeds."""
+    cands = world.gold_replies(item.obj) if item.kind == AGENTIC else reasoning_gold(item.obj)
     if not cands:
         return []
-    env = make_env(item, env_cfg, world="scripted")
+    env = make_env(item, world)
     env.reset()
     for i, reply in enumerate(cands):
         res = env.step(reply)
         if res.done:
-            return cands[: i + 1] if score_env(env)[0] >= 1.0 else []
+            return cands[: i + 1] if env.reward().success else []
     return []
 
 
 def load_items(rows: list[dict], kind: str, env_cfg, *, with_gold: bool = True) -> list[Item]:
     """Validated items from dataset rows (round_<r>/{agentic,reasoning}.jsonl)."""
+    world = make_world(env_cfg, scripted=True)
     out = []
     for i, row in enumerate(rows):
         try:
@@ -122,9 +125,32 @@ def load_items(rows: list[dict], kind: str, env_cfg, *, with_gold: bool = True) 
             raise ValueError(f"{kind} dataset row {i} (id={row.get('id')!r}) is invalid: {str(e)[:300]}") from None
         item = Item(kind, obj.id, obj)
         if with_gold:
-            item.gold = verify_gold(item, env_cfg)
+            item.gold = verify_gold(item, world)
         out.append(item)
     return out
+
+
+def task_file_items(rc, *, heldout: bool) -> list[Item]:
+    """The training (heldout=False) or held-out share of the tasks in `data.task_files` (released AgenticQwen
+    files or our exports), with verified gold; import issues are printed, named and counted, never fatal."""
+    if not rc.data.task_files:
+        return []
+    from agq_jax.envs.sources import heldout_split, load_task_files
+
+    key = (tuple(rc.data.task_files), rc.data.task_heldout_fraction, rc.seed, heldout)
+    if key not in _TASK_FILE_CACHE:
+        tasks, issues = load_task_files(rc.data.task_files)
+        if issues and rc.verbose and not heldout:
+            kept = sum(i.kept for i in issues)
+            print(f"task files: {len(tasks)} tasks, {kept} kept with an import issue, {len(issues) - kept} records "
+                  f"dropped (first: {issues[0]})", flush=True)
+        train, held = heldout_split(tasks, rc.data.task_heldout_fraction, seed=rc.seed)
+        rows = [t.model_dump(mode="json") for t in (held if heldout else train)]
+        _TASK_FILE_CACHE[key] = load_items(rows, AGENTIC, rc.env, with_gold=not heldout)
+    return list(_TASK_FILE_CACHE[key])
+
+
+_TASK_FILE_CACHE: dict = {}
 
 
 def _outside_event_loop(fn, *args):
@@ -158,7 +184,8 @@ def build_round_dataset(rc, round_idx: int, failures: Optional[list[dict]], *, c
 
 
 def heldout_items(rc) -> list[Item]:
-    """The fixed evaluation set (same tasks every round): held-out-split procedural tasks and problems."""
+    """The fixed evaluation set (same tasks every round): held-out-split procedural tasks and problems, plus
+    the held-out share of `data.task_files`."""
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
     from data_synth.reasoning_problems import generate_seed_set
 
@@ -171,6 +198,7 @@ def heldout_items(rc) -> list[Item]:
         tasks = generate_tasks(n - n_r, seed=rc.seed + 7, domains=list(d.domains) or None,
                                knobs=Knobs(level=rc.synth.agentic.level), split="heldout")
         items += [Item(AGENTIC, t.id, t) for t in tasks]
+    items += task_file_items(rc, heldout=True)
     if n_r:
         items += [Item(REASONING, p.id, p) for p in generate_seed_set(n_r, seed=rc.seed + 900_001)]
     return items

@@ -26,12 +26,15 @@ def rollout_items(policy, items: list[Item], *, params, rng, batch_size: int, re
     """Run `repeats` episodes of every item in batches; returns episodes grouped per item (item order)."""
     from agq_jax.rollout import run_rollouts
 
+    from agq_jax.envs.tools import SharedToolCache
+
     jobs = [(i, r) for i in range(len(items)) for r in range(repeats)]
     out: list[list] = [[] for _ in items]
+    caches = [SharedToolCache() for _ in items]   # the repeats of a task see one consistent world
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start: start + batch_size]
         rng, sub = jax.random.split(rng)
-        envs = [policy.make_env(items[i]) for i, _ in chunk]
+        envs = [policy.make_env(items[i], tool_cache=caches[i]) for i, _ in chunk]
         batch = policy.rollouts(envs, params=params, rng=sub, group_ids=[i for i, _ in chunk])
         for (i, _), ep in zip(chunk, batch.episodes):
             out[i].append(ep)

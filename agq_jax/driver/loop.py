@@ -26,6 +26,8 @@ from agq_jax.driver.logs import MetricsLogger, round_summary
 from agq_jax.driver.policy import Policy
 from agq_jax.driver.sft import build_sft_examples, procedural_sft_examples, sft_batch
 from agq_jax.driver.vocab import SpecialIds, load_run_tokenizer
+from agq_jax.envs.rewards import SUCCESS_THRESHOLD
+from agq_jax.envs.tools import SharedToolCache
 from agq_jax.rl.batch import collate
 from agq_jax.run_config import RunConfig, dump
 
@@ -87,8 +89,9 @@ class Driver:
         from data_synth.run import teacher_client
 
         self.teachers = teacher_client(rc)  # None offline; mock user / tools / judge and synthesis share it
+        self.world = D.make_world(rc.env, self.teachers)   # training and evaluation episodes alike
         self.policy = Policy(rc, self.model, self.tok, self.ids, self.mesh,
-                             make_env=lambda item: D.make_env(item, rc.env, self.teachers))
+                             make_env=lambda item, tool_cache=None: D.make_env(item, self.world, tool_cache))
         from agq_jax.rl.checkpoint import CheckpointManager
 
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), max_to_keep=rc.checkpoint.keep,
@@ -202,6 +205,8 @@ class Driver:
         doms = set(rc.data.domains)
         if doms:
             agentic = [it for it in agentic if it.obj.domain in doms]
+        if self.train_items is None:
+            agentic = agentic + D.task_file_items(rc, heldout=False)   # released / exported task files
         pools = {D.AGENTIC: agentic, D.REASONING: reasoning}
         counts = {"agentic": len(agentic), "reasoning": len(reasoning),
                   "with_gold": sum(bool(it.gold) for it in agentic + reasoning)}
@@ -337,7 +342,8 @@ class Driver:
         ask, refills = need, 0
         while True:
             items = self._draw(r, streams, have, ask)
-            envs = [self.policy.make_env(it) for it in items for _ in range(g)]
+            caches = [SharedToolCache() for _ in items]   # a group's rollouts see one consistent world
+            envs = [self.policy.make_env(it, tool_cache=c) for it, c in zip(items, caches) for _ in range(g)]
             batch = self.policy.rollouts(envs, params=params, rng=self.trainer.split_rng(),
                                          group_ids=[i for i in range(len(items)) for _ in range(g)])
             all_eps += batch.episodes
@@ -347,7 +353,7 @@ class Driver:
                 rewards = np.asarray([e.reward for e in eps], np.float32)
                 n_groups += 1
                 self._note_failure(it, eps, rewards)
-                shaped = np.asarray(algo.training_reward(rl.reward, rewards))
+                shaped = np.asarray(algo.training_reward(rl.reward, rewards, success_threshold=SUCCESS_THRESHOLD))
                 keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(shaped[None])[0])
                 (valid if keep else dropped).append(eps)
             if len(valid) >= need or refills >= rl.max_refill_batches or not rl.dynamic_sampling:
@@ -360,7 +366,8 @@ class Driver:
         eps = [e for grp in groups for e in grp]
         packed = pack_episodes(eps, pad_id=self.ids.pad, **self._train_padding(),
                                logprob_source="sampling" if loss_temperature(rl) != 1.0 else "policy")
-        rewards = np.asarray(algo.training_reward(rl.reward, np.reshape(packed["rewards"], (len(groups), g))))
+        rewards = np.asarray(algo.training_reward(rl.reward, np.reshape(packed["rewards"], (len(groups), g)),
+                                                  success_threshold=SUCCESS_THRESHOLD))
         kw = {"std_normalize": rl.std_normalize} if rl.advantage == "grpo" else {}
         adv = np.array(algo.compute_advantages(rewards, rl.advantage, **kw), np.float32)
         adv = np.array(algo.weight_negative_advantages(adv, rl.negative_weight), np.float32)  # 1.0: unchanged
@@ -381,7 +388,7 @@ class Driver:
         out.update({"grpo/zero_variance_frac": (n_groups - len(valid)) / max(n_groups, 1),
                     "grpo/valid_groups": float(n_valid), "grpo/refills": float(refills),
                     "grpo/groups_sampled": float(n_groups), "rollout/reward_std": float(np.std([e.reward for e in all_eps])),
-                    "rollout/success_rate": float(np.mean([e.reward >= algo.SUCCESS_THRESHOLD for e in all_eps])),
+                    "rollout/success_rate": float(np.mean([e.reward >= SUCCESS_THRESHOLD for e in all_eps])),
                     "grpo/train_reward_mean": float(rewards.mean()),
                     "perf/rollout_s": t_roll, "perf/train_s": t_train,
                     "perf/tokens_per_s": gen_tokens / max(t_roll, 1e-9),

@@ -37,7 +37,8 @@ class Policy:
     """Samples episodes from the live model: `policy.model` is swapped in after every train step."""
 
     def __init__(self, rc, model, tok, ids: SpecialIds, mesh=None, *, make_env=None):
-        """`make_env(item) -> env` builds the env of a task item (the driver's, bound to its world)."""
+        """`make_env(item, tool_cache=None) -> env` builds the env of a task item (the driver's, bound to its
+        world; rollouts of one task share a tool cache)."""
         from agq_jax.rollout import RolloutConfig
 
         self.rc, self.model, self.tok, self.ids, self.mesh = rc, model, tok, ids, mesh

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from agq_jax import tokenizer as qtok
-from agq_jax.driver.data import Item, make_env
+from agq_jax.driver.data import Item, make_env, make_world
 from agq_jax.driver.vocab import SpecialIds
 
 
@@ -22,7 +22,7 @@ def expert_sequence(item: Item, tok, ids: SpecialIds, rc) -> dict | None:
         return None
     thinking = rc.rollout.enable_thinking
     stop_on_tool_call = rc.rollout.stop_on_tool_call
-    env = make_env(item, rc.env, world="scripted")
+    env = make_env(item, make_world(rc.env, scripted=True))
     msgs = env.reset()
     tools = None if getattr(env, "embed_tools", False) else (getattr(env, "tool_schemas", None) or None)
     token_ids = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=thinking)
@@ -92,6 +92,7 @@ def procedural_sft_examples(rc, tok, ids: SpecialIds, round_idx: int, step: int,
     from agq_jax.driver.data import AGENTIC, verify_gold
     from agq_jax.envs.worlds.generator import BRANCH_TYPES, Knobs, all_domains, generate_task
 
+    world = make_world(rc.env, scripted=True)
     domains = sorted(rc.data.domains) if rc.data.domains else all_domains()
     combos = [(d, b) for d in domains for b in BRANCH_TYPES]
     knobs = Knobs(level=rc.synth.agentic.level)
@@ -103,7 +104,7 @@ def procedural_sft_examples(rc, tok, ids: SpecialIds, round_idx: int, step: int,
         g += 1
         task = generate_task(d, b, seed, knobs, split="sft")
         item = Item(AGENTIC, task.id, task)
-        item.gold = verify_gold(item, rc.env)
+        item.gold = verify_gold(item, world)
         ex = _training_example(item, tok, ids, rc)
         if ex is not None:
             out.append(ex)

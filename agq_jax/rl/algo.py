@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agq_jax.envs.rewards import SUCCESS_THRESHOLD  # noqa: F401 - re-read by the driver
 
 ADVANTAGES: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -245,41 +244,41 @@ def kl_estimate(name: str, logp, ref_logp):
 
 # ----------------------------------------------------------------------------- training rewards
 # What GRPO optimises, from the rubric reward in [0, 1] (sub-goal fraction x gates; 1 = success). The
-# evaluation always reports the rubric reward and success; only the advantage sees the shaped value.
-
+# evaluation always reports the rubric reward and success; only the advantage sees the shaped value. What
+# counts as a success is the environment's (agq_jax.envs.rewards.SUCCESS_THRESHOLD): the caller passes it.
 
 
 @register_training_reward("rubric")
-def reward_rubric(rubric):
+def reward_rubric(rubric, success_threshold: float):
     """Partial credit: every met sub-goal counts (dense, but a policy can climb it without succeeding)."""
     return jnp.asarray(rubric, jnp.float32)
 
 
 @register_training_reward("success")
-def reward_success(rubric):
+def reward_success(rubric, success_threshold: float):
     """1 for a task completed (every sub-goal met, no gate failed), else 0: the pass@k objective itself."""
-    return (jnp.asarray(rubric, jnp.float32) >= SUCCESS_THRESHOLD).astype(jnp.float32)
+    return (jnp.asarray(rubric, jnp.float32) >= success_threshold).astype(jnp.float32)
 
 
 @register_training_reward("rubric+success")
-def reward_rubric_success(rubric):
+def reward_rubric_success(rubric, success_threshold: float):
     """Half partial credit, half success: success always outranks any partial episode."""
-    return 0.5 * (reward_rubric(rubric) + reward_success(rubric))
+    return 0.5 * (reward_rubric(rubric, success_threshold) + reward_success(rubric, success_threshold))
 
 
 @register_training_reward("success_or_rubric")
-def reward_success_or_rubric(rubric):
+def reward_success_or_rubric(rubric, success_threshold: float):
     """Success (0/1), except in a group where no sample succeeded: there the rubric's partial credit, so a
     group of all failures (a branch type the policy cannot yet solve) still ranks its samples by sub-goals
     met instead of carrying no signal. A success anywhere in the group restores the 0/1 objective, so
     partial credit never competes with a success. The last axis is the group ([..., G])."""
     r = jnp.asarray(rubric, jnp.float32)
-    success = reward_success(r)
+    success = reward_success(r, success_threshold)
     return jnp.where(success.max(axis=-1, keepdims=True) > 0, success, r)
 
 
-def training_reward(name: str, rubric):
-    return lookup(TRAINING_REWARDS, name, "training reward")(rubric)
+def training_reward(name: str, rubric, *, success_threshold: float):
+    return lookup(TRAINING_REWARDS, name, "training reward")(rubric, success_threshold)
 
 
 # ----------------------------------------------------------------------------- entropy

@@ -107,9 +107,14 @@ class DataSection(Section):
     heldout_tasks: int = 64              # evaluation tasks (same every round)
     domains: tuple = ()                  # agentic domains trained and evaluated; () = all procedural domains
     accumulate: bool = True              # round r trains on the datasets of rounds 0..r
+    task_files: tuple = ()               # released-format task files trained on every round: tool_use_demo.json
+                                         # lists, nine-column parquet, task JSONL (envs.sources.load_task_files)
+    task_heldout_fraction: float = 0.0   # share of the task files' tasks held out for evaluation (hash split)
 
     def __post_init__(self):
         _one_of("data.schedule", self.schedule, ("mixed", "staged"))
+        if not 0.0 <= self.task_heldout_fraction < 1.0:
+            raise ValueError(f"config data.task_heldout_fraction={self.task_heldout_fraction!r}: must be in [0, 1)")
         if self.agentic_weight < 0 or self.reasoning_weight < 0 or self.agentic_weight + self.reasoning_weight <= 0:
             raise ValueError("config data.agentic_weight / data.reasoning_weight must be >= 0 with a positive sum")
         _positive("data.heldout_tasks", self.heldout_tasks, zero_ok=True)
@@ -117,15 +122,25 @@ class DataSection(Section):
 
 @dataclasses.dataclass(frozen=True)
 class EnvSection(Section):
-    """The simulated world an episode runs in (training and evaluation alike)."""
-    user: str = "scripted"               # scripted (keyword rules over hidden facts) | teacher | auto
+    """The simulated world an episode runs in (training and evaluation alike; agq_jax.envs.world)."""
+    user: str = "scripted"               # scripted (rules over hidden facts) | teacher (mock_user role) | auto
     tools: str = "auto"                  # auto | state (the task's world) | expected (pinned returns) | teacher
+    judge: str = "none"                  # none | teacher (the judge role grades the rubric text: one more sub-goal)
+    protocol: str = "plain"              # plain | reference (<policy> + requirements, <question>/<answer>, /no_think)
+    gates: tuple = ("no_forbidden",)     # reward gates (envs.rewards.GATES); the reference's: + tool_response, clean_end
     max_agent_turns: int = 15            # agent replies per episode (reference: 15)
     max_user_turns: int = 15             # simulated-user replies after the opening (reference: 15)
 
     def __post_init__(self):
-        _one_of("env.user", self.user, ("scripted", "teacher", "auto"))
-        _one_of("env.tools", self.tools, ("auto", "state", "expected", "teacher"))
+        from agq_jax.envs.world import JUDGES, TOOLS, USERS, WorldSpec
+
+        _one_of("env.user", self.user, USERS)
+        _one_of("env.tools", self.tools, TOOLS)
+        _one_of("env.judge", self.judge, JUDGES)
+        try:
+            WorldSpec(protocol=self.protocol, gates=tuple(self.gates))
+        except ValueError as e:
+            raise ValueError(f"config env: {e}") from None
         _positive("env.max_agent_turns", self.max_agent_turns)
         _positive("env.max_user_turns", self.max_user_turns, zero_ok=True)
 
