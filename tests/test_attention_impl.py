@@ -121,18 +121,19 @@ def test_splash_matches_xla_on_real_rows_values_and_grads(t, n, kv, mesh_shape):
 def test_cached_blocked_attention_matches_xla(s, kv_len, t):
     rng = np.random.default_rng(s + t)
     layers, b, n, kv, d, block = 3, 3, 4, 2, 8, 8
-    k_all, v_all = (rng.normal(size=(layers, b, s, kv, d)).astype(np.float32) for _ in range(2))
+    k_all, v_all = (rng.normal(size=(layers, b, kv, s, d)).astype(np.float32) for _ in range(2))
     q = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
     new_len = np.array([kv_len, kv_len - 5, kv_len - t + 1])        # rows of different lengths
     qpos = new_len[:, None] - t + np.arange(t)[None]
     mask = jnp.asarray((np.arange(s)[None, None] <= qpos[:, :, None]) & (np.arange(s) < new_len[:, None, None])[:, :1])
     mask = mask[:, None]
     layer = 1
-    ref = attention.attention(q, jnp.asarray(k_all[layer]), jnp.asarray(v_all[layer]), mask, d ** -0.5, "xla")
+    ref = attention.attention(q, jnp.asarray(k_all[layer]).swapaxes(1, 2), jnp.asarray(v_all[layer]).swapaxes(1, 2), mask,
+                              d ** -0.5, "xla")
     visited = -(-kv_len // block) * block
     if visited < s:  # slots past the visited blocks: poison them
-        k_all[:, :, visited:] = np.nan
-        v_all[:, :, visited:] = np.nan
+        k_all[:, :, :, visited:] = np.nan
+        v_all[:, :, :, visited:] = np.nan
     got = jax.jit(attention.cached_blocked_attention, static_argnames=("scale", "block"))(
         q, jnp.asarray(k_all), jnp.asarray(v_all), layer, mask, scale=d ** -0.5, kv_len=kv_len, block=block)
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=TOL)

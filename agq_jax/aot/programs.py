@@ -144,9 +144,9 @@ def lower_logprobs(graphdef, state, mesh, loss, optim, *, rows: int, seq: int):
 
 
 def abstract_cache(cfg, mesh, batch: int, cache_len: int, dtype):
-    from agq_jax.models.qwen3 import KVCache
+    from agq_jax.models.qwen3 import KVCache, cache_shape
 
-    shape = (cfg.num_hidden_layers, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = cache_shape(cfg, batch, cache_len)
     kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shd.cache_sharding(mesh, shape))
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_batch_sharding(mesh, (batch,)))
     return KVCache(kv, kv, lengths)

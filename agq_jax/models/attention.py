@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from agq_jax.models.config import ATTENTION_IMPLS
 from agq_jax.models.sharding import MESH_AXES, logical_to_pspec, target_platform
 
-__all__ = ["attention", "cache_attention", "write_layer", "resolve_attention_impl", "resolve_cache_attention_impl",
+__all__ = ["attention", "causal_attention", "causal_mask", "cache_attention", "write_layer", "resolve_attention_impl", "resolve_cache_attention_impl",
            "blocked_causal_attention", "cached_blocked_attention", "splash_causal_attention", "ATTENTION_BLOCK",
            "ATTENTION_SEGMENTS", "AUTO_BLOCKED_MIN_BLOCKS", "CACHE_KEY_BLOCK", "SPLASH_BLOCK"]
 
@@ -89,6 +89,22 @@ def attention(q, k, v, mask, scale: float, impl: str = "xla", causal: bool = Fal
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
+def causal_mask(key_valid):
+    """[B,1,T,T] bool: query t sees key s <= t when key s is real (key_valid [B,T])."""
+    idx = jnp.arange(key_valid.shape[1])
+    return ((idx[None, :] <= idx[:, None])[None] & key_valid[:, None, :])[:, None]
+
+
+def causal_attention(q, k, v, key_valid, scale: float, impl: str):
+    """The no-cache forward (training, log-probs): causal attention over each row's real keys. Splash takes the
+    key validity as segment ids; the other kernels get the [B,1,T,T] mask, built here, inside the layer, so
+    that no [B,T,T] buffer lives across the layer scan."""
+    t = q.shape[1]
+    if resolve_attention_impl(impl, t, t, True, dtype=q.dtype, head_dim=q.shape[-1]) == "splash":
+        return splash_causal_attention(q, k, v, key_valid, scale)
+    return attention(q, k, v, causal_mask(key_valid), scale, impl, causal=True)
+
+
 def _splash_kernel(t: int, group: int, block: int, interpret: bool):
     """A splash MQA kernel for `group` query heads sharing one key/value head over a causal [t, t] mask (built
     per trace: its block tables become arrays of the program being traced)."""
@@ -149,17 +165,19 @@ def splash_causal_attention(q, k, v, key_valid, scale: float):
                          out_specs=q_spec, check_vma=False)(q, k, v, key_valid)
 
 
-def _attention_block(q, k, v, mask, scale):
+def _attention_block(q, k, v, mask, scale, kv_major: bool = False):
     """Softmax attention of one query block on its keys, as jax's XLA path computes it (fp32 logits and
-    softmax, masked logits set to the same large negative). q [B,t,N,D], k/v [B,s,K,D], mask [B,1,t,s]."""
+    softmax, masked logits set to the same large negative). q [B,t,N,D], k/v [B,s,K,D] (or [B,K,s,D] with
+    `kv_major`, the KV cache's layout), mask [B,1,t,s]."""
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if kv_major else 2]
+    keys = "bksd" if kv_major else "bskd"
     qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    logits = jnp.einsum(f"btkgd,{keys}->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     big_neg = jnp.float32(-0.7 * float(np.finfo(np.float32).max))
     logits = jnp.where(mask[:, :, None], logits, big_neg)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v)
     return out.reshape(b, t, n, d).astype(q.dtype)
 
 
@@ -203,15 +221,15 @@ def blocked_causal_attention(q, k, v, mask, scale: float, block: int | None = No
 
 
 def cached_blocked_attention(q, k_all, v_all, layer, mask, scale: float, kv_len, block: int = CACHE_KEY_BLOCK):
-    """Attention of q [B,T,N,D] on layer `layer` of a KV cache k_all/v_all [L,B,S,K,D] under mask [B,1,T,S],
+    """Attention of q [B,T,N,D] on layer `layer` of a KV cache k_all/v_all [L,B,K,S,D] under mask [B,1,T,S],
     visiting only the key blocks below `kv_len` (a traced bound on every row's valid slots; the rest of the
     buffer is masked anyway). Online softmax over `block`-slot key blocks, each read straight from the cache:
-    XLA:CPU otherwise copies (and transposes) the layer's whole [B,S,K,D] buffer every step and scores all S
+    XLA:CPU otherwise copies the layer's whole [B,K,S,D] buffer every step and scores all S
     slots. fp32 logits and softmax like the XLA path; a row with no valid key (never read: the Sampler keeps
     its previous logits) gets the mean of the visited values rather than of all S. Inference only: the
     data-dependent trip count has no reverse-mode derivative."""
     b, t, n, d = q.shape
-    s, kv_heads = k_all.shape[2], k_all.shape[3]
+    kv_heads, s = k_all.shape[2], k_all.shape[3]
     block = min(block, s)
     g = n // kv_heads
     qg = q.reshape(b, t, kv_heads, g, d)
@@ -220,17 +238,17 @@ def cached_blocked_attention(q, k_all, v_all, layer, mask, scale: float, kv_len,
     def one_block(j, carry):
         m, l, acc = carry
         start = jnp.minimum(j * block, s - block)  # the last block may overlap the one before: masked below
-        kb = jax.lax.dynamic_slice(k_all, (layer, 0, start, 0, 0), (1, b, block, kv_heads, d))[0].astype(q.dtype)
-        vb = jax.lax.dynamic_slice(v_all, (layer, 0, start, 0, 0), (1, b, block, kv_heads, d))[0].astype(q.dtype)
+        kb = jax.lax.dynamic_slice(k_all, (layer, 0, 0, start, 0), (1, b, kv_heads, block, d))[0].astype(q.dtype)
+        vb = jax.lax.dynamic_slice(v_all, (layer, 0, 0, start, 0), (1, b, kv_heads, block, d))[0].astype(q.dtype)
         mb = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=3)[:, :, None]  # [B,1,1,T,blk]
         fresh = (start + jnp.arange(block)) >= j * block
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        logits = jnp.einsum("btkgd,bksd->bkgts", qg, kb, preferred_element_type=jnp.float32) * jnp.float32(scale)
         logits = jnp.where(mb & fresh, logits, big_neg)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.exp(logits - m_new[..., None])
         corr = jnp.exp(m - m_new)
         l = l * corr + jnp.where(fresh, p, 0.0).sum(-1)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", jnp.where(fresh, p, 0.0).astype(vb.dtype), vb,
+        pv = jnp.einsum("bkgts,bksd->bkgtd", jnp.where(fresh, p, 0.0).astype(vb.dtype), vb,
                         preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
@@ -243,19 +261,24 @@ def cached_blocked_attention(q, k_all, v_all, layer, mask, scale: float, kv_len,
 
 
 def write_layer(cache: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """cache [L,B,S,K,D] <- new [B,T,K,D] at (layer, row b, slots starts[b]..); a scatter XLA does in place.
+    """cache [L,B,K,S,D] <- new [B,T,K,D] at (layer, row b, slots starts[b]..); a scatter XLA does in place.
     Slots past max_len are dropped (never clamped onto valid entries)."""
-    b, t = new.shape[:2]
-    rows = jnp.arange(b)[:, None]
-    slots = starts[:, None] + jnp.arange(t)[None]
-    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+    b, t, kv_heads = new.shape[:3]
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(kv_heads)[None, :, None]
+    slots = (starts[:, None] + jnp.arange(t)[None])[:, None, :]
+    return cache.at[layer, rows, heads, slots].set(new.swapaxes(1, 2).astype(cache.dtype), mode="drop")
 
 
 def cache_attention(q, k_all, v_all, layer, mask, scale: float, kv_len, impl: str):
-    """Attention of q [B,T,N,D] on layer `layer` of the (already written) cache k_all/v_all [L,B,S,K,D] under
-    mask [B,1,T,S]; kv_len bounds every row's valid slots (see `resolve_cache_attention_impl`)."""
+    """Attention of q [B,T,N,D] on layer `layer` of the (already written) cache k_all/v_all [L,B,K,S,D] under
+    mask [B,1,T,S]; kv_len bounds every row's valid slots (see `resolve_cache_attention_impl`). The buffer
+    path reads the layer in the cache's own layout with XLA's attention arithmetic; only cuDNN, which takes
+    [B,S,K,D], gets a transposed copy of the layer."""
     if resolve_cache_attention_impl(impl) == "blocked":
         return cached_blocked_attention(q, k_all, v_all, layer, mask, scale, kv_len)
     k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q.dtype)
     v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
-    return attention(q, k, v, mask, scale, impl)
+    if resolve_attention_impl(impl, q.shape[1], k.shape[2], False, dtype=q.dtype, head_dim=q.shape[-1]) == "cudnn":
+        return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, scale, impl)
+    return _attention_block(q, k, v, mask, scale, kv_major=True)

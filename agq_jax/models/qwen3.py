@@ -14,21 +14,32 @@ import numpy as np
 from flax import nnx
 
 from agq_jax.models import moe
-from agq_jax.models.attention import attention, cache_attention, write_layer
+from agq_jax.models.attention import cache_attention, causal_attention, write_layer
 from agq_jax.models.config import PRESETS, Qwen3Config
 from agq_jax.models.sharding import annotated_param, cache_sharding, constrain
 
-__all__ = ["Qwen3Config", "PRESETS", "Qwen3ForCausalLM", "KVCache", "CausalLMOutput", "init_cache",
-           "from_pretrained", "save_pretrained", "apply_rope", "rope_cos_sin",
-           "split_layer_stacks", "merge_split"]
+__all__ = ["Qwen3Config", "PRESETS", "Qwen3ForCausalLM", "KVCache", "CausalLMOutput", "init_cache", "cache_shape",
+           "from_pretrained", "save_pretrained", "apply_rope", "rope_cos_sin", "split_layer_stacks", "merge_split"]
 
 
 class KVCache(NamedTuple):
-    """k, v: [num_layers, B, max_len, num_kv_heads, head_dim]; lengths: [B] int32 valid tokens per row."""
+    """k, v: [num_layers, B, num_kv_heads, max_len, head_dim]; lengths: [B] int32 valid tokens per row.
+
+    Slots and head_dim are the two minor dims, the ones TPU tiles (8/16 x 128): with the heads there, a chip
+    holding 2 or 4 KV heads re-laid the whole cache out around every write, and decode transposed each
+    layer's K/V before attending (the compiler's figures in docs/performance.md)."""
 
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def cache_shape(cfg: Qwen3Config, batch: int, max_len: int) -> tuple[int, ...]:
+    return (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
 
 
 class CausalLMOutput(NamedTuple):
@@ -40,7 +51,7 @@ class CausalLMOutput(NamedTuple):
 
 def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32, mesh=None) -> KVCache:
     """Empty cache; with `mesh`, k/v are created sharded (batch over data/fsdp, kv heads over tensor)."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = cache_shape(cfg, batch, max_len)
     if mesh is None:
         k = jnp.zeros(shape, dtype)
         v = jnp.zeros(shape, dtype)
@@ -103,7 +114,7 @@ class Attention(nnx.Module):
         self.scale = d ** -0.5
         self.impl = cfg.attention_impl
 
-    def __call__(self, x, cos, sin, mask, kv=None, starts=None):
+    def __call__(self, x, cos, sin, mask, valid, kv=None, starts=None):
         """kv: None, or (k_all, v_all, layer) — the whole cache and this layer's index in it."""
         dt = x.dtype
         q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...].astype(dt))
@@ -119,8 +130,8 @@ class Attention(nnx.Module):
             k_all, v_all = write_layer(k_all, layer, k, starts), write_layer(v_all, layer, v, starts)
             kv = (k_all, v_all, layer)
             out = cache_attention(q, k_all, v_all, layer, mask, self.scale, jnp.max(starts) + q.shape[1], self.impl)
-        else:  # no cache: the mask is the square causal (+ padding) mask
-            out = attention(q, k, v, mask, self.scale, self.impl, causal=True)
+        else:  # no cache: causal over the row's real keys
+            out = causal_attention(q, k, v, valid, self.scale, self.impl)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_proj[...].astype(dt))
         if self.use_bias:
             y = y + self.o_bias[...].astype(dt)
@@ -155,7 +166,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = moe.SparseMoeBlock(cfg, dtype=dtype, **kw) if is_moe else MLP(cfg, dtype=dtype, **kw)
 
     def __call__(self, x, cos, sin, mask, valid, kv=None, starts=None, stacked_layer=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, starts)
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, valid, kv, starts)
         x = x + a
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -294,18 +305,16 @@ class Qwen3ForCausalLM(nnx.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
-            idx = jnp.arange(t)
-            mask = (idx[None, :] <= idx[:, None])[None] & valid[:, None, :]
+            mask = None  # built per layer from `valid` (or not at all: splash), never held across the layer scan
             starts = None
         else:
             starts = cache.lengths.astype(jnp.int32)
             if positions is None:
                 positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
             new_len = starts + jnp.sum(valid, axis=-1, dtype=jnp.int32)
-            slot = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+            slot = jnp.arange(cache.max_len, dtype=jnp.int32)
             qpos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-            mask = (slot[None, None, :] <= qpos[:, :, None]) & (slot[None, None, :] < new_len[:, None, None])
-        mask = mask[:, None]  # [B,1,T,S]
+            mask = ((slot[None, None, :] <= qpos[:, :, None]) & (slot[None, None, :] < new_len[:, None, None]))[:, None]
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"))
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)

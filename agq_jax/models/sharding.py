@@ -179,8 +179,8 @@ def create_sharded_model(model_fn, mesh: Mesh) -> nnx.Module:
 
 
 def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-    """Sharding of a KV-cache k/v array [layers, batch, max_len, kv_heads, head_dim]."""
-    return NamedSharding(mesh, logical_to_pspec(("layers", "batch", "cache_seq", "act_kv_heads", "head_dim"),
+    """Sharding of a KV-cache k/v array [layers, batch, kv_heads, max_len, head_dim]."""
+    return NamedSharding(mesh, logical_to_pspec(("layers", "batch", "act_kv_heads", "cache_seq", "head_dim"),
                                                 shape, mesh))
 
 

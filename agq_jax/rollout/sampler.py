@@ -355,7 +355,7 @@ class Sampler:
         decode (others emit nothing).
         """
         batch = logits.shape[0]
-        capacity = (cache.k.shape[2] - self.chunk_size) if max_len is None else int(max_len)
+        capacity = (cache.max_len - self.chunk_size) if max_len is None else int(max_len)
         active = np.ones((batch,), bool) if active is None else np.asarray(active, bool)
         budget = np.full((batch,), max_new_tokens, np.int32) if row_budget is None else np.asarray(row_budget, np.int32)
         with self._mesh_ctx():
