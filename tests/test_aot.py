@@ -141,6 +141,61 @@ def test_tpu_figures_match_the_compiled_programs(family, tmp_path):
     assert r["programs"]["decode"]["arguments"] < train["arguments"]
 
 
+COST_SCRIPT = r'''
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from agq_jax.aot import chips, hlo
+from agq_jax.models import attention, sharding
+
+mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2, expert=1), chips.topology_devices("v5e:2x2"))
+S = lambda shape, *spec: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P(*spec)))
+b, t, h, n, kv, d = 2, 2048, 512, 8, 2, 128
+
+def proj(x, wq, wo):  # the sharded q / o projections XLA:TPU spells as padded windowed convolutions
+    def loss(x, wq, wo):
+        q = jnp.einsum("bth,hnd->btnd", x, wq)
+        return jnp.sum(jnp.einsum("btnd,ndh->bth", jax.nn.silu(q), wo).astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, wq, wo)
+
+def splash(q, k, v):
+    valid = jnp.ones((b, t), bool)
+    loss = lambda q, k, v: jnp.sum(attention.splash_causal_attention(q, k, v, valid, d ** -0.5).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+out = {}
+with jax.set_mesh(mesh):
+    c = jax.jit(proj).lower(S((b, t, h), "fsdp"), S((h, n, d), "fsdp", "tensor"), S((n, d, h), "tensor", None, "fsdp")).compile()
+    walk, xla = hlo.analyze(c.as_text()), c.cost_analysis()
+    out["proj"] = dict(walk_flops=walk.flops, xla_flops=xla["flops"], analytic=3 * 2 * 2 * b * t * h * n * d / 4,
+                       walk_bytes=walk.bytes, xla_bytes=xla["bytes accessed"], windowed="pad=" in c.as_text())
+    c = jax.jit(splash).lower(S((b, t, n, d), "fsdp", None, "tensor"), S((b, t, kv, d), "fsdp", None, "tensor"),
+                              S((b, t, kv, d), "fsdp", None, "tensor")).compile()
+    walk = hlo.analyze(c.as_text())
+    out["splash"] = dict(walk_flops=walk.flops, kernels_without_cost=walk.custom_calls,
+                         analytic=9 * 2 * b * n * t * (t / 2) * d / 4)
+print(json.dumps(out))
+'''
+
+
+def test_hlo_costs_match_xla_and_the_kernels_on_tpu_programs():
+    """hlo.analyze on loop-free programs compiled for v5e 2x2: the sharded projections (convolutions whose
+    windows hang over padding) give XLA's own cost_analysis FLOPs and the analytic count, bytes within XLA's
+    ballpark; splash attention's kernels (no cost estimate) give the causal attention FLOPs (fwd 2, dq 3,
+    dkv 4 matmuls per visited pair)."""
+    py = _tpu_python()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    out = subprocess.run([str(py), "-c", COST_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    p, sp = res["proj"], res["splash"]
+    assert p["windowed"]
+    assert abs(p["walk_flops"] / p["xla_flops"] - 1) < 0.01 and abs(p["walk_flops"] / p["analytic"] - 1) < 0.01, p
+    assert 0.6 < p["walk_bytes"] / p["xla_bytes"] < 1.4, p
+    assert not sp["kernels_without_cost"] and abs(sp["walk_flops"] / sp["analytic"] - 1) < 0.01, sp
+
+
 MESH_SCRIPT = r'''
 import json
 from agq_jax.aot import chips, layouts
