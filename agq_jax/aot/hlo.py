@@ -419,7 +419,7 @@ def analyze(hlo_text: str) -> Cost:
     return walk(entry)
 
 
-_CONST = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\]\{?[^}]*\}?\s*constant\((-?\d+)\)", re.M)
+_CONST = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\{?[^}]*\}?\s*constant\((-?\d+)\)", re.M)
 
 
 def _constants(hlo_text: str) -> dict[str, int]:
