@@ -190,7 +190,7 @@ def _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, *, num_expert
     m = n * k
     tm = min(GMM_TILE_M, -(-m // 128) * 128)
     pad = -m % tm
-    xs = jnp.take(x, order // k, axis=0)
+    xs = x.at[order // k].get(mode="promise_in_bounds")  # in bounds by construction: no bounds select
     if pad:  # zero rows in the last group: they add nothing to outputs or weight gradients
         xs = jnp.pad(xs, ((0, pad), (0, 0)))
         group_sizes = group_sizes.at[-1].add(pad)
@@ -201,9 +201,11 @@ def _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, *, num_expert
     def gmm(lhs, w):
         return megablox.gmm(lhs, w, group_sizes, lhs.dtype, _gmm_tiling, offset, None, False, interpret)
 
-    h = jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
-    out = gmm(h, w_down)[:m]
-    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    # gate and up as one matmul: the pairs are read once forward, and the backward makes one dx and one dW
+    # pass over them instead of two plus a sum
+    gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=-1)), 2, axis=-1)
+    out = gmm(jax.nn.silu(gate) * up, w_down)[:m]
+    out = out.at[jnp.argsort(order)].get(mode="promise_in_bounds", unique_indices=True).reshape(n, k, -1)
     y = jnp.sum(out * top_w[..., None].astype(out.dtype), axis=1)
     return jax.lax.psum(y, reduce_axes) if reduce_axes else y
 
