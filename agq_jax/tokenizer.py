@@ -57,6 +57,34 @@ EOS_TOKEN = "<|im_end|>"
 EOS_TOKEN_ID = IM_END_ID
 STOP_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)  # generation stops on either
 TOKENIZER_LENGTH = NUM_BPE_RANKS + len(ADDED_TOKENS)  # 151669 = len(tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The one set of special-token ids the sampler, rollouts, packer and trainer use. Asked of the run's
+    tokenizer (`SpecialIds.of(tok)`): the demo's procedural vocabulary puts these tokens at other ids than
+    Qwen3's (`QWEN3`, the real vocabulary's, which the constants above spell out)."""
+
+    im_end: int
+    endoftext: int
+    im_start: int
+    tool_call_end: int
+    pad: int
+
+    @classmethod
+    def of(cls, tok) -> "SpecialIds":
+        get = tok.convert_tokens_to_ids
+        return cls(im_end=get("<|im_end|>"), endoftext=get("<|endoftext|>"), im_start=get("<|im_start|>"),
+                   tool_call_end=get("</tool_call>"), pad=get(tok.pad_token or PAD_TOKEN))
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """What ends a sampled reply: <|im_end|>, or </tool_call> (the env then answers the call)."""
+        return (self.im_end, self.tool_call_end)
+
+
+QWEN3 = SpecialIds(im_end=IM_END_ID, endoftext=ENDOFTEXT_ID, im_start=IM_START_ID, tool_call_end=TOOL_CALL_END_ID,
+                   pad=PAD_TOKEN_ID)
 MODEL_VOCAB_SIZE = 151936  # embedding rows of every Qwen3 checkpoint (padded past TOKENIZER_LENGTH)
 MODEL_MAX_LENGTH = 131072  # Qwen3 tokenizer_config value
 # Qwen2/Qwen3 pre-tokenizer split: single digits, letters with one leading non-letter, newline runs.

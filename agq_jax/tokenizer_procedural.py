@@ -110,8 +110,4 @@ def load_procedural_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def special_ids(tok) -> dict[str, int]:
-    """Ids of the tokens the sampler and packer need, asked of the tokenizer (works for both vocabularies)."""
-    get = tok.convert_tokens_to_ids
-    return {"im_end": get("<|im_end|>"), "endoftext": get("<|endoftext|>"), "im_start": get("<|im_start|>"),
-            "tool_call_end": get("</tool_call>"), "pad": get(tok.pad_token or "<|endoftext|>")}
+

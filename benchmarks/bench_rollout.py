@@ -91,18 +91,19 @@ class TimedExecutor(cf.ThreadPoolExecutor):
 def build(args, tmp):
     from agq_jax.driver.data import score_env
     from agq_jax.driver.vocab import procedural_corpus
-    from agq_jax.tokenizer_procedural import special_ids, train_procedural_tokenizer
+    from agq_jax.tokenizer import SpecialIds
+    from agq_jax.tokenizer_procedural import train_procedural_tokenizer
 
     t0 = time.perf_counter()
     tok = train_procedural_tokenizer(procedural_corpus(), args.vocab, os.path.join(tmp, "tok"))
     tok_s = time.perf_counter() - t0
-    ids = special_ids(tok)
+    ids = SpecialIds.of(tok)
     cfg = qwen3.Qwen3Config(**TINY, vocab_size=-(-len(tok) // 64) * 64, bos_token_id=None,
-                            eos_token_id=(ids["im_end"], ids["endoftext"]), pad_token_id=ids["pad"],
+                            eos_token_id=(ids.im_end, ids.endoftext), pad_token_id=ids.pad,
                             attention_impl=args.attention_impl)
     model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
-    sampler = Sampler(model, pad_id=ids["pad"], chunk_size=args.chunk)
-    params = SamplingParams(temperature=1.0, stop_ids=(ids["im_end"], ids["tool_call_end"]))
+    sampler = Sampler(model, pad_id=ids.pad, chunk_size=args.chunk)
+    params = SamplingParams(temperature=1.0, stop_ids=ids.stop_ids)
     return tok, tok_s, model, sampler, params, score_env
 
 

@@ -275,7 +275,7 @@ def shrink(c, layout: Layout):
     c.rl.mini_batch_tasks = 2 if shards <= 4 else 4
     c.rl.micro_batch_rows = max(shards, 2)
     c.rl.max_refill_batches = 1
-    c.rollout.max_len = 2048
+    c.rollout.max_len = 4096            # a released demo task's prompt alone is 1.9k-3.2k tokens
     c.rollout.max_response_tokens = 384
     c.rollout.max_new_tokens_per_turn = 32
     c.rollout.decode_batch_size = 4

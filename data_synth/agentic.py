@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from agq_jax.envs.parsing import TRANSFER_MARKER, format_tool_call
 from agq_jax.envs.schema import (BRANCH_TYPES, BehaviorTree, BranchRef, BTNode, UserProfile, Difficulty, EscapeStrategy,
                                  ExpectedToolReturns, ForbiddenAction, HiddenFact, Lineage, RequiredInteraction,
-                                 Rubric, SubGoal, Task, ToolCall, ToolSchema, ToolStep, canonical_json)
+                                 Rubric, SubGoal, Task, ToolCall, ToolSchema, ToolStep, canonical_json,
+                                 stable_hash)
 from agq_jax.envs.imported import untraceable_arguments
 from agq_jax.envs.tools import validate_arguments
-from data_synth.io_utils import stable_hash
 
 
 class _Out(BaseModel):

@@ -14,13 +14,12 @@ from typing import Any
 
 from agq_jax.envs.rewards import score
 from agq_jax.envs.runtime import EpisodeRecord, replay_agent, run_episode, to_text_mode
-from agq_jax.envs.schema import BehaviorTree, Task, canonical_json
+from agq_jax.envs.schema import BehaviorTree, Task, canonical_json, stable_hash
 from agq_jax.envs.parsing import format_tool_call
 from data_synth import agentic_prompts as P
 from data_synth.agentic import (AdversaryOut, BlueprintOut, DraftOut, ExpandOut, FailureOut, assemble_task,
                                 balanced_branches, check_adversary, check_blueprint, check_draft, check_expanded,
                                 graft_branch)
-from data_synth.io_utils import stable_hash
 from data_synth.stages import Rejected, StageContext, StageStats, run_stage
 
 

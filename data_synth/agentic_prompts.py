@@ -6,7 +6,7 @@ a reply that parses and validates is importable by the mock-world runtime as is.
 """
 from __future__ import annotations
 
-from data_synth.io_utils import stable_hash
+from agq_jax.envs.schema import stable_hash
 
 _TOOL_FORMAT = """{"name": "snake_case", "description": "...", "kind": "read|write|transfer",
  "parameters": {"type": "object", "properties": {"<param>": {"type": "string|integer|number|boolean", "description": "..."}}, "required": ["<param>"]},

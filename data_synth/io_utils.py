@@ -5,21 +5,10 @@ os.replace, so a killed process never leaves a half-written dataset behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from typing import Any, Iterable, Iterator
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the form every hash is taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """Hex digest (first n chars) of the canonical JSON of obj: deterministic across runs."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:n]
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -248,7 +248,7 @@ def agent_solver(messages: list[dict], plans: Plans) -> str:
 
 # ------------------------------------------------------------------------------------------- reasoning
 def _arith(seed: int) -> tuple[str, str]:
-    from data_synth.reasoning_problems import Difficulty, gen_arithmetic
+    from agq_jax.envs.reasoning_problems import Difficulty, gen_arithmetic
 
     q, a, _ = gen_arithmetic(random.Random(seed), Difficulty(num_ops=2, max_operand=30))
     return q, a
@@ -275,7 +275,7 @@ def persona_variant(user: str, plans: Plans) -> dict:
 
 
 def solve(question: str, plans: Plans) -> str:
-    from data_synth.reasoning_problems import _eval_fraction, _fmt
+    from agq_jax.envs.reasoning_problems import _eval_fraction, _fmt
 
     ans = plans.answer(question)
     if ans is None:

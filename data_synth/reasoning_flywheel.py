@@ -14,9 +14,9 @@ from typing import Any
 
 import pydantic
 
-from data_synth.answers import answers_equivalent, extract_final_answer, normalize_text
-from data_synth.io_utils import stable_hash
-from data_synth.reasoning_problems import (Difficulty, Lineage, ReasoningProblem, generate_seed_set, harder_variant,
+from agq_jax.envs.answers import answers_equivalent, extract_final_answer, normalize_text
+from agq_jax.envs.schema import stable_hash
+from agq_jax.envs.reasoning_problems import (Difficulty, Lineage, ReasoningProblem, generate_seed_set, harder_variant,
                                            load_seed_problems, problem_id)
 from data_synth.stages import Rejected, StageContext, StageStats, run_stage
 
@@ -128,12 +128,10 @@ async def _consistency(item: dict, ctx: StageContext, *, k: int, solver_roles: l
         id=item["id"], question=item["question"], answer=label, source=f"synth/{item['stage']}", kind=parent.kind,
         difficulty=parent.difficulty, tools=["python"],
         lineage=Lineage(parents=[parent.id], round=round_idx, stage=item["stage"], derivation=item["derivation"],
-                        teacher=item.get("teacher"), prompt_hash=item.get("prompt_hash")))
-    row = prob.model_dump()
-    row["consistency"] = {"k": k, "answers": answers, "solvers": models,
-                          "proposed_answer": item.get("proposed_answer"),
-                          "proposed_agrees": answers_equivalent(item.get("proposed_answer"), label)}
-    return [row]
+                        teacher=item.get("teacher"), prompt_hash=item.get("prompt_hash")),
+        consistency={"k": k, "answers": answers, "solvers": models, "proposed_answer": item.get("proposed_answer"),
+                     "proposed_agrees": answers_equivalent(item.get("proposed_answer"), label)})
+    return [prob.model_dump()]
 
 
 async def _harder(item: dict, ctx: StageContext, *, round_idx: int, n: int) -> list[dict]:

@@ -23,7 +23,8 @@ from ml_collections import config_flags
 
 from data_synth import agentic_prompts
 from data_synth.agentic_flywheel import build_agentic
-from data_synth.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from agq_jax.envs.schema import stable_hash
+from data_synth.io_utils import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data_synth.reasoning_flywheel import PROMPTS as REASONING_PROMPTS, build_reasoning
 from data_synth.teachers import TeacherClient, client_from_config
 

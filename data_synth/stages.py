@@ -19,7 +19,8 @@ from typing import Any, Awaitable, Callable, Sequence, Type
 import pydantic
 from tqdm.auto import tqdm
 
-from data_synth.io_utils import AppendLog, read_jsonl, stable_hash
+from agq_jax.envs.schema import stable_hash
+from data_synth.io_utils import AppendLog, read_jsonl
 from data_synth.teachers import ChatResult, TeacherClient, TeacherError
 
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i can(no|')t|i cannot|i won'?t|i am unable|i'm unable|"

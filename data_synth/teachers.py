@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import openai
 
-from data_synth.io_utils import atomic_write_json, stable_hash
+from agq_jax.envs.schema import stable_hash
+from data_synth.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_synth.answers import answers_equivalent, extract_final_answer
+from agq_jax.envs.answers import answers_equivalent, extract_final_answer
 from data_synth.io_utils import read_jsonl
-from data_synth.reasoning_problems import (Difficulty, ReasoningProblem, generate_problem, generate_seed_set,
+from agq_jax.envs.reasoning_problems import (Difficulty, ReasoningProblem, generate_problem, generate_seed_set,
                                            harder_variant, load_seed_problems)
 from data_synth.replay_server import ReplayServer
 from data_synth.run import run_round
@@ -86,6 +86,8 @@ def test_consistency_filter_and_variants(tmp_path):
                         next(q for q in by_q if q.startswith("Using the search"))[:25]}
         pens = next(r for q, r in by_q.items() if "9 pens" in q)
         assert pens["answer"] == "36" and pens["consistency"]["k"] == 3 and pens["consistency"]["proposed_agrees"]
+        from agq_jax.envs.reasoning_problems import ReasoningProblem
+        assert all(ReasoningProblem.model_validate(r).id == r["id"] for r in rows)   # what the trainer loads
         assert pens["lineage"]["parents"] == ["f1"] and pens["lineage"]["derivation"] == "self_instruct:values"
         assert by_q["A chemist buys reagent vials at 3 dollars each. How much do 7 vials cost in dollars?"][
             "lineage"]["derivation"] == "persona"

@@ -12,7 +12,7 @@ from agq_jax.envs import Task, replay_agent, run_episode, score
 from agq_jax.envs.importers import load_demo_json, load_parquet
 from data_synth.io_utils import read_jsonl
 from data_synth.loopback_teacher import MALFORMED_KINDS, LoopbackTeacher, start_loopback_teacher
-from data_synth.reasoning_problems import generate_seed_set
+from agq_jax.envs.reasoning_problems import generate_seed_set
 from data_synth.run import run_round
 
 ROOT = Path(__file__).resolve().parents[1]

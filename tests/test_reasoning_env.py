@@ -9,7 +9,7 @@ from agq_jax.envs.reasoning import make_reasoning_env, run_reasoning_episode, sc
 from agq_jax.envs.runtime import Termination
 from agq_jax.envs.sandbox import SandboxLimits
 from agq_jax.envs.search import BM25Index, SearchBackend
-from data_synth.reasoning_problems import Difficulty, ReasoningProblem, generate_problem
+from agq_jax.envs.reasoning_problems import Difficulty, ReasoningProblem, generate_problem
 
 LIM = SandboxLimits(time_s=5.0, memory_mb=512)
 

@@ -105,7 +105,7 @@ def test_two_process_rollouts_equal_one_process(tmp_path):
 
     from agq_jax.driver.build import build_model
     from agq_jax.driver.policy import Policy
-    from agq_jax.driver.vocab import SpecialIds
+    from agq_jax.tokenizer import SpecialIds
 
     cfg, tok, tasks = setup()
     ids = SpecialIds.of(tok)
@@ -141,7 +141,7 @@ if __name__ == "__main__":  # one of the two worker processes
 
     from agq_jax.driver.build import build_model
     from agq_jax.driver.policy import Policy
-    from agq_jax.driver.vocab import SpecialIds
+    from agq_jax.tokenizer import SpecialIds
     from agq_jax.models.sharding import MeshConfig, make_mesh
 
     assert jax.process_count() == 2 and jax.device_count() == 4

@@ -201,7 +201,7 @@ def test_token_budget_ends_episodes_as_overlong(tok, policy):
 def test_reasoning_envs_roll_out_the_same_way(tok, policy):
     """The reasoning env (nudges as user turns, parse errors as tool turns) through the same loop."""
     from agq_jax.envs.reasoning import make_reasoning_env, score_reasoning
-    from data_synth.reasoning_problems import ReasoningProblem
+    from agq_jax.envs.reasoning_problems import ReasoningProblem
 
     model, sampler = policy
     problems = [ReasoningProblem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i), tools=[])

@@ -220,7 +220,7 @@ def test_server_generates_what_the_exported_model_computes(sglang_server, tiny_m
 def test_synthesis_round_with_garbage_teachers_rejects_everything(sglang_server, tmp_path):
     """A teacher-driven round (every role -> this server) finishes; random weights mean every item is
     rejected with a reason and counted, nothing crashes, and the requests really reached the server."""
-    from data_synth.reasoning_problems import generate_seed_set
+    from agq_jax.envs.reasoning_problems import generate_seed_set
     from data_synth.run import run_round
 
     from agq_jax.run_config import RunConfig, load_configdict

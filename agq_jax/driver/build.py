@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agq_jax.driver.vocab import SpecialIds
+from agq_jax.tokenizer import SpecialIds
 
 
 def vocab_info(rc, tok, ids: SpecialIds):

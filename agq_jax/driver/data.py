@@ -22,7 +22,7 @@ AGENTIC, REASONING = "agentic", "reasoning"
 class Item:
     kind: str                 # agentic | reasoning
     id: str
-    obj: Any                  # envs.schema.Task | data_synth.reasoning_problems.ReasoningProblem
+    obj: Any                  # envs.schema.Task | agq_jax.envs.reasoning_problems.ReasoningProblem
     gold: list[str] = dataclasses.field(default_factory=list)   # verified expert replies ([] = none)
 
     @property
@@ -118,7 +118,7 @@ def load_items(rows: list[dict], kind: str, env_cfg, *, with_gold: bool = True) 
 
                 obj = Task.model_validate(row)
             else:
-                from data_synth.reasoning_problems import ReasoningProblem
+                from agq_jax.envs.reasoning_problems import ReasoningProblem
 
                 obj = ReasoningProblem.model_validate(row)
         except ValueError as e:
@@ -151,6 +151,30 @@ def task_file_items(rc, *, heldout: bool) -> list[Item]:
 
 
 _TASK_FILE_CACHE: dict = {}
+
+
+def fitting(items: list[Item], env_cfg, tok, rollout_cfg) -> tuple[list[Item], int]:
+    """(items whose opening prompt fits in rollout.max_len, how many do not). A rollout cannot start an
+    episode whose prompt alone fills the budget, so such items (long released policies under a small smoke
+    budget) are left out and counted rather than packed into a batch they overflow."""
+    from agq_jax import tokenizer as qtok
+
+    world = make_world(env_cfg, scripted=True)   # the same prompt as the configured world, without teachers
+    keep = []
+    for it in items:
+        key = (it.id, env_cfg.protocol, rollout_cfg.enable_thinking, id(tok))
+        if key not in _PROMPT_LEN:
+            env = make_env(it, world)
+            msgs = env.reset()
+            _PROMPT_LEN[key] = len(qtok.encode_chat(tok, msgs, None if env.embed_tools else (env.tool_schemas or None),
+                                                    add_generation_prompt=True,
+                                                    enable_thinking=rollout_cfg.enable_thinking))
+        if _PROMPT_LEN[key] < rollout_cfg.max_len:
+            keep.append(it)
+    return keep, len(items) - len(keep)
+
+
+_PROMPT_LEN: dict = {}
 
 
 def _outside_event_loop(fn, *args):
@@ -187,7 +211,7 @@ def heldout_items(rc) -> list[Item]:
     """The fixed evaluation set (same tasks every round): held-out-split procedural tasks and problems, plus
     the held-out share of `data.task_files`."""
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
-    from data_synth.reasoning_problems import generate_seed_set
+    from agq_jax.envs.reasoning_problems import generate_seed_set
 
     d = rc.data
     n = d.heldout_tasks

@@ -25,7 +25,8 @@ from agq_jax.driver.evaluate import episode_for_failure, evaluate, headline
 from agq_jax.driver.logs import MetricsLogger, round_summary
 from agq_jax.driver.policy import Policy
 from agq_jax.driver.sft import build_sft_examples, procedural_sft_examples, sft_batch
-from agq_jax.driver.vocab import SpecialIds, load_run_tokenizer
+from agq_jax.driver.vocab import load_run_tokenizer
+from agq_jax.tokenizer import SpecialIds
 from agq_jax.envs.rewards import SUCCESS_THRESHOLD
 from agq_jax.envs.tools import SharedToolCache
 from agq_jax.rl.batch import collate
@@ -104,7 +105,8 @@ class Driver:
         if resume is not None:
             self._restore(resume)
         self.log = MetricsLogger(self.run_dir, enabled=self.is_writer, resume_step=resume if resume is not None else None)
-        self.heldout = heldout_items if heldout_items is not None else D.heldout_items(rc)
+        self.heldout = heldout_items if heldout_items is not None else D.fitting(D.heldout_items(rc), rc.env,
+                                                                                  self.tok, rc.rollout)[0]
 
     # ------------------------------------------------------------------ trainers and checkpoints
     def _make_trainer(self, kind: str):
@@ -207,9 +209,11 @@ class Driver:
             agentic = [it for it in agentic if it.obj.domain in doms]
         if self.train_items is None:
             agentic = agentic + D.task_file_items(rc, heldout=False)   # released / exported task files
+        agentic, long_a = D.fitting(agentic, rc.env, self.tok, rc.rollout)
+        reasoning, long_r = D.fitting(reasoning, rc.env, self.tok, rc.rollout)
         pools = {D.AGENTIC: agentic, D.REASONING: reasoning}
         counts = {"agentic": len(agentic), "reasoning": len(reasoning),
-                  "with_gold": sum(bool(it.gold) for it in agentic + reasoning)}
+                  "with_gold": sum(bool(it.gold) for it in agentic + reasoning), "prompt_too_long": long_a + long_r}
         if m["phase"] == "round_start":
             m.update(phase="sft" if self._sft_this_round(r) else "grpo", sft_step=0, grpo_step=0, cursors={})
             if m["phase"] == "grpo" and self.phase_kind != "grpo":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from agq_jax.driver.vocab import SpecialIds
+from agq_jax.tokenizer import SpecialIds
 from agq_jax.rollout import multihost
 
 _SAMPLERS: dict = {}
@@ -47,7 +47,7 @@ class Policy:
         self.chunk_size = r.chunk_size
         self.decode_batch = r.decode_batch_size
         self.max_workers = r.max_workers
-        self.stop_ids = (ids.im_end, ids.tool_call_end) if r.stop_on_tool_call else (ids.im_end,)
+        self.stop_ids = ids.stop_ids if r.stop_on_tool_call else (ids.im_end,)
         self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=self.chunk_size)
         self.rollout_cfg = RolloutConfig(max_len=r.max_len, max_new_tokens_per_turn=r.max_new_tokens_per_turn or None,
                                          max_response_tokens=r.max_response_tokens or None,

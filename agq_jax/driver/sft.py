@@ -12,7 +12,7 @@ import numpy as np
 
 from agq_jax import tokenizer as qtok
 from agq_jax.driver.data import Item, make_env, make_world
-from agq_jax.driver.vocab import SpecialIds
+from agq_jax.tokenizer import SpecialIds
 
 
 def expert_sequence(item: Item, tok, ids: SpecialIds, rc) -> dict | None:
@@ -24,7 +24,7 @@ def expert_sequence(item: Item, tok, ids: SpecialIds, rc) -> dict | None:
     stop_on_tool_call = rc.rollout.stop_on_tool_call
     env = make_env(item, make_world(rc.env, scripted=True))
     msgs = env.reset()
-    tools = None if getattr(env, "embed_tools", False) else (getattr(env, "tool_schemas", None) or None)
+    tools = None if env.embed_tools else (env.tool_schemas or None)
     token_ids = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=thinking)
     mask = [0] * len(token_ids)
     for reply in item.gold:

@@ -7,7 +7,6 @@ needs is asked of the tokenizer, never taken from the real-vocabulary constants.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -15,24 +14,11 @@ from agq_jax import tokenizer as qtok
 from agq_jax import tokenizer_procedural as ptok
 
 
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    im_end: int
-    endoftext: int
-    im_start: int
-    tool_call_end: int
-    pad: int
-
-    @classmethod
-    def of(cls, tok) -> "SpecialIds":
-        return cls(**ptok.special_ids(tok))
-
-
 def procedural_corpus(n_tasks: int = 600, seed: int = 12345, n_problems: int = 200) -> list[str]:
     """Texts the procedural BPE is trained on: rendered gold trajectories of every domain / branch at
     levels 0-2 plus procedural reasoning problems (a fixed seed stream, disjoint from training seeds)."""
     from agq_jax.envs.worlds.generator import Knobs, generate_tasks
-    from data_synth.reasoning_problems import generate_seed_set
+    from agq_jax.envs.reasoning_problems import generate_seed_set
 
     real = qtok.load_qwen3_tokenizer()  # only for the template render; the text is vocabulary-independent
     texts = []

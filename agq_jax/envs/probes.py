@@ -20,7 +20,7 @@ from typing import Optional
 
 from agq_jax.envs import imported, reference
 from agq_jax.envs.parsing import format_tool_call
-from agq_jax.envs.rewards import RewardConfig
+from agq_jax.envs.rewards import SUCCESS_THRESHOLD, RewardConfig
 from agq_jax.envs.runtime import make_env
 from agq_jax.envs.schema import ExpectedToolReturns, Task
 from agq_jax.envs.tools import SharedToolCache, TeacherToolBackend
@@ -97,7 +97,7 @@ def probe_table(tasks: list[Task], protocol: str = "plain", config: Optional[Rew
                   for t in pool}
         calls = [t for t in pool if t.expected_returns.normal_path]
         rows[kind] = {"tasks": len(pool), "mean": sum(totals.values()) / max(1, len(pool)),
-                      "full_reward": sum(v >= 1.0 - 1e-9 for v in totals.values()),
+                      "full_reward": sum(v >= SUCCESS_THRESHOLD for v in totals.values()),
                       "zero": sum(v == 0.0 for v in totals.values()),
                       "not_below_gold_where_gold_calls_a_tool": sum(totals[t.id] >= gold[t.id] for t in calls)
                       if kind != "gold" else 0}

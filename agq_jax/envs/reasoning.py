@@ -8,7 +8,7 @@ Same step interface as the mock-world `Env` so the rollout code drives both alik
     env.reward()                               # Reward(total=1.0 if the answer is equivalent to the label)
 
 The final answer is the last `\\boxed{...}` or `<answer>...</answer>` of a reply without tool calls; it is
-checked by symbolic equivalence (`data_synth.answers`), never by string match.
+checked by symbolic equivalence (`agq_jax.envs.answers`), never by string match.
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import copy
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 from agq_jax.envs.rewards import Reward
 from agq_jax.envs.runtime import Env, StepResult, Termination, approx_token_count, render_tools_block
 from agq_jax.envs.sandbox import PythonSandboxBackend, SandboxLimits
 from agq_jax.envs.search import CompositeBackend, SearchBackend
 from agq_jax.envs.tools import ToolBackend, ToolError
-from data_synth.answers import answers_equivalent, extract_final_answer
-from data_synth.reasoning_problems import ReasoningProblem
+from agq_jax.envs.answers import answers_equivalent, extract_final_answer
+from agq_jax.envs.reasoning_problems import ReasoningProblem
 
 SYSTEM_PROMPT = ("You are a careful problem solver. Think step by step. When you are done, give the final answer "
                  "as \\boxed{...} (or inside <answer>...</answer>) in a reply that makes no tool call.")

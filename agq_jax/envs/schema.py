@@ -54,6 +54,11 @@ def state_hash(state: Any) -> str:
     return hashlib.sha256(canonical_json(state).encode()).hexdigest()
 
 
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest (first n chars) of the canonical JSON of obj: deterministic ids and cache keys across runs."""
+    return state_hash(obj)[:n]
+
+
 # ----------------------------------------------------------------------------------------------- tools
 class ToolSchema(_Model):
     """An OpenAI function tool plus the `outputs` JSON schema and the read / write / transfer kind."""

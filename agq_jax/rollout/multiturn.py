@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from agq_jax import tokenizer as qtok
-from agq_jax.tokenizer_procedural import special_ids
+from agq_jax.envs.protocol import StepEnv
 from agq_jax.rollout.sampler import CACHE_FULL, FINISH_REASONS, STOP, Sampler, SamplingParams
 
 OVERLONG = "overlong"  # our termination when the token budget (max_len) ends an episode
@@ -139,7 +139,7 @@ def pack_episodes(episodes: Sequence[Episode], *, pad_id: Optional[int] = None, 
     attention-masked, so the id only has to be in range).
     """
     if pad_id is None:
-        pad_id = qtok.PAD_TOKEN_ID
+        pad_id = qtok.QWEN3.pad
     if not episodes:
         raise ValueError("pack_episodes: no episodes")
     if logprob_source not in ("policy", "sampling"):
@@ -172,27 +172,17 @@ def pack_episodes(episodes: Sequence[Episode], *, pad_id: Optional[int] = None, 
     return out
 
 
-def default_score(env) -> tuple[float, dict, dict]:
-    """Reward of a finished episode: the env's own `reward()` (reasoning envs) or `envs.rewards.score`."""
-    if callable(getattr(env, "reward", None)):
-        r = env.reward()
-    else:
-        from agq_jax.envs.rewards import score
-
-        r = score(env.task, env.record)
+def default_score(env: StepEnv) -> tuple[float, dict, dict]:
+    """Reward of a finished episode: the env's own `reward()`."""
+    r = env.reward()
     return float(r.total), dict(r.components), dict(r.gates)
 
 
-def _env_id(env) -> str:
-    owner = getattr(env, "task", None) or getattr(env, "problem", None)
-    return str(getattr(owner, "id", ""))
-
-
-def _finish_env(env, termination) -> None:
+def _finish_env(env: StepEnv, termination) -> None:
     """End an env that is still running (our token budget or turn cap ran out after its step), so its
     record carries a termination and a final state for scoring."""
-    if not getattr(env, "done", True):
-        env.finish(termination)  # envs.runtime.Env and envs.reasoning.ReasoningEnv both end episodes this way
+    if not env.done:
+        env.finish(termination)
 
 
 class _Row:
@@ -233,7 +223,7 @@ def _reply_text(tok, sampled: list[int], closing: tuple[int, ...]) -> str:
     return tok.decode(sampled, skip_special_tokens=False)
 
 
-def run_rollouts(sampler: Sampler, model, envs: Sequence, tokenizer, *, params: SamplingParams,
+def run_rollouts(sampler: Sampler, model, envs: Sequence[StepEnv], tokenizer, *, params: SamplingParams,
                  config: RolloutConfig = RolloutConfig(), rng: jax.Array, group_ids: Sequence[int] | None = None,
                  score_fn: Callable[[Any], tuple[float, dict, dict]] | None = default_score,
                  executor: cf.Executor | None = None) -> RolloutBatch:
@@ -257,12 +247,12 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
     from agq_jax.envs.runtime import Termination
 
     n = len(envs)
-    ids = special_ids(tok)  # asked of the tokenizer: a procedural vocabulary has its own ids
-    im_end, closing = ids["im_end"], (ids["im_end"], ids["endoftext"])
+    ids = qtok.SpecialIds.of(tok)  # asked of the tokenizer: a procedural vocabulary has its own ids
+    im_end, closing = ids.im_end, (ids.im_end, ids.endoftext)
     rows = [_Row(env, g) for env, g in zip(envs, group_ids)]
     first_messages = list(pool.map(lambda env: env.reset(), envs))
     for row, msgs in zip(rows, first_messages):
-        tools = None if getattr(row.env, "embed_tools", False) else (getattr(row.env, "tool_schemas", None) or None)
+        tools = None if row.env.embed_tools else (row.env.tool_schemas or None)
         prompt = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=config.enable_thinking)
         row.add_env_tokens(prompt)
         row.prompt_len = len(prompt)
@@ -332,10 +322,10 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
     scores = list(pool.map(score_fn, envs)) if score_fn is not None else [(0.0, {}, {})] * n
     episodes = []
     for r, (total, comps, gates) in zip(rows, scores):
-        rec = getattr(r.env, "record", None)
+        rec = r.env.record
         episodes.append(Episode(
-            task_id=_env_id(r.env), group_id=r.group_id, token_ids=r.ids,
+            task_id=r.env.task_id, group_id=r.group_id, token_ids=r.ids,
             loss_mask=r.mask, logprobs=r.lp, sample_logprobs=r.slp, prompt_len=r.prompt_len, turn_spans=r.spans,
             num_turns=len(r.spans), termination=r.termination or "done", overlong=r.overlong, reward=total,
             reward_components=comps, reward_gates=gates, turn_finish=r.turn_finish, record=rec))
-    return RolloutBatch(episodes, pad_id=ids["pad"])
+    return RolloutBatch(episodes, pad_id=ids.pad)

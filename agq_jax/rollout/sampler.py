@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agq_jax.tokenizer import IM_END_ID, PAD_TOKEN_ID as PAD_ID, TOOL_CALL_END_ID
+from agq_jax.tokenizer import QWEN3
 
-DEFAULT_STOP_IDS = (IM_END_ID, TOOL_CALL_END_ID)
+DEFAULT_STOP_IDS = QWEN3.stop_ids
 
 # finish reasons (int codes on device, names on host)
 RUNNING, STOP, MAX_NEW_TOKENS, CACHE_FULL = 0, 1, 2, 3
@@ -231,7 +231,7 @@ class Sampler:
     so a padded prefill chunk never runs past the end of the buffer; decoding stops at `max_len`.
     """
 
-    def __init__(self, model: nnx.Module, *, mesh=None, pad_id: int = PAD_ID, cache_dtype=None,
+    def __init__(self, model: nnx.Module, *, mesh=None, pad_id: int = QWEN3.pad, cache_dtype=None,
                  chunk_size: int = 256):
         self.graphdef, state = nnx.split(model)
         self.cfg = getattr(model, "config", None) or getattr(model, "cfg", None)

@@ -117,7 +117,7 @@ class TeachersSection(Section):
 
 @dataclasses.dataclass(frozen=True)
 class DifficultySection(Section):
-    """Procedural reasoning difficulty (data_synth.reasoning_problems.Difficulty)."""
+    """Procedural reasoning difficulty (agq_jax.envs.reasoning_problems.Difficulty)."""
     num_ops: int = 2
     max_operand: int = 20
     algebra_level: int = 1

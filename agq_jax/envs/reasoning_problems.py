@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from data_synth.io_utils import stable_hash
+from agq_jax.envs.schema import stable_hash
 
 KINDS = ("arithmetic", "algebra", "multihop")
 
@@ -42,6 +42,7 @@ class ReasoningProblem(pydantic.BaseModel):
     documents: list[dict[str, str]] = []   # local corpus for the search tool ({"id", "text"})
     tools: list[Literal["python", "search"]] = ["python"]
     lineage: Lineage = Lineage()
+    consistency: dict[str, Any] = {}       # how a synthesized label was agreed (k solutions, answers, solvers)
 
 
 def problem_id(question: str, answer: str, salt: Any = "") -> str:
