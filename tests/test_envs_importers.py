@@ -12,18 +12,16 @@ from agq_jax.envs.runtime import system_message
 from agq_jax.envs.worlds.generator import Knobs, generate_tasks
 from data_synth import stats
 
-DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
-
 
 @pytest.fixture(scope="module")
-def raw():
-    with open(DEMO) as f:
+def raw(demo_path):
+    with open(demo_path) as f:
         return json.load(f)
 
 
 @pytest.fixture(scope="module")
-def demo(raw):
-    tasks, issues = load_demo_json(DEMO)
+def demo(raw, demo_path):
+    tasks, issues = load_demo_json(demo_path)
     return tasks, issues
 
 
@@ -111,5 +109,8 @@ def test_stats_cli(tmp_path, capsys):
     assert s["n_tasks"] == 30 and s["legal_illegal"]["legal"] + s["legal_illegal"]["illegal"] == 30
     assert set(s["branch_types"]) == {"legal", "refusal", "transfer", "clarification", "confirmation"}
     assert s["tree_depth"]["min"] >= 2 and s["branch_coverage"]["covered"] > 0
-    assert stats.main([DEMO]) == 0
+
+
+def test_stats_cli_on_the_demo_tasks(capsys, demo_path):
+    assert stats.main([demo_path]) == 0
     assert "legal / illegal: 29 / 71" in capsys.readouterr().out

@@ -14,7 +14,6 @@ from agq_jax.envs.users import EXCEPTION_TEXT, LIE_TEXT, TeacherUser
 from data_synth.loopback_teacher import start_loopback_teacher
 from data_synth.teachers import Endpoint, TeacherClient
 
-DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
 ROLES = ("mock_user", "mock_tool", "judge")
 
 
@@ -33,8 +32,8 @@ def loopback():
 
 
 @pytest.fixture(scope="module")
-def demo():
-    tasks, _ = load_demo_json(DEMO)
+def demo(demo_path):
+    tasks, _ = load_demo_json(demo_path)
     return tasks
 
 

@@ -12,8 +12,6 @@ from agq_jax.envs.worlds.generator import generate_tasks
 from data_synth.loopback_teacher import start_loopback_teacher
 from data_synth.teachers import Endpoint, TeacherClient
 
-DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
-
 
 @pytest.fixture(scope="module")
 def chats():
@@ -44,10 +42,10 @@ def test_spec_and_teachers_are_checked():
 
 
 @pytest.mark.parametrize("protocol", ["plain", "reference"])
-def test_paper_world_on_procedural_and_imported_tasks(chats, protocol):
+def test_paper_world_on_procedural_and_imported_tasks(chats, protocol, demo_path):
     c, srv = chats
     world = World(WorldSpec(user="teacher", tools="teacher", judge="teacher", protocol=protocol), c, JudgeCache())
-    demo, _ = load_task_files([DEMO])
+    demo, _ = load_task_files([demo_path])
     tasks = generate_tasks(10, seed=21) + demo[:10]
     before = dict(srv.loopback.counts)
     for t in tasks:
@@ -68,17 +66,20 @@ def test_scripted_world_keeps_working_offline():
     world = World(WorldSpec(protocol="plain"))
     for t in generate_tasks(10, seed=22):
         assert _play(world, t, world.gold_replies(t)).reward().total == 1.0
+
+
+def test_offline_world_plays_the_demo_tasks(demo_path):
     ref = World(WorldSpec(protocol="reference", tools="expected"))
-    demo, _ = load_task_files([DEMO])
+    demo, _ = load_task_files([demo_path])
     for t in demo[:20]:
         assert _play(ref, t, ref.gold_replies(t)).reward().total == 1.0
 
 
-def test_task_files_and_heldout_split(tmp_path):
-    demo, issues = load_task_files([DEMO])
+def test_task_files_and_heldout_split(tmp_path, demo_path):
+    demo, issues = load_task_files([demo_path])
     extra = generate_tasks(6, seed=1)
     export_reference_json(extra, str(tmp_path / "more.json"))
-    both, issues2 = load_task_files([DEMO, str(tmp_path / "more.json"), DEMO])
+    both, issues2 = load_task_files([demo_path, str(tmp_path / "more.json"), demo_path])
     assert len(both) == 106 and sum(i.field == "id" for i in issues2) == 100     # the repeated file is named
     train, held = heldout_split(both, 0.2, seed=0)
     assert len(train) + len(held) == 106 and 10 <= len(held) <= 35

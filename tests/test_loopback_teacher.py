@@ -13,16 +13,17 @@ from agq_jax.envs.importers import load_demo_json, load_parquet
 from data_synth.io_utils import read_jsonl
 from data_synth.loopback_teacher import MALFORMED_KINDS, LoopbackTeacher, start_loopback_teacher
 from agq_jax.envs.reasoning_problems import generate_seed_set
+from agq_jax.envs.sources import PERSONAS, released_file
 from data_synth.run import run_round
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "agenticqwen" / "persona_5K.jsonl"
 
 
 def _personas(tmp: Path) -> str:
     """The released personas when the shared data sits beside the repo, else three of our own."""
-    if SHARED.is_file():
-        return str(SHARED)
+    shared = released_file(PERSONAS)
+    if shared:
+        return shared
     path = tmp / "personas.jsonl"
     path.write_text("".join(json.dumps({"id": f"p{i}", "persona": p}) + "\n" for i, p in enumerate(
         ["A pharmacist who manages prescription refills.", "A travel agent who rebooks cancelled flights.",

@@ -6,12 +6,10 @@ from agq_jax.envs import probes
 from agq_jax.envs.importers import load_demo_json
 from agq_jax.envs.rewards import RewardConfig
 
-DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
-
 
 @pytest.fixture(scope="module")
-def tasks():
-    tasks, issues = load_demo_json(DEMO)
+def tasks(demo_path):
+    tasks, issues = load_demo_json(demo_path)
     assert len(tasks) == 100
     return tasks
 

@@ -8,17 +8,16 @@ import numpy as np
 
 from _train_tiny import action_tokenizer, load_tiny_config, run_config
 
-DEMO = "/work/shared/data/agenticqwen/tool_use_demo.json"
 IDS = ("fd7529dc-7cf3-43b3-892e-c1ac455e4f27-7",)   # refuse a simulation on an invalid event (one lookup first)
 
 
-def _setup(tmp_path):
+def _setup(tmp_path, demo_path):
     from agq_jax.envs import reference
     from agq_jax.envs.importers import load_demo_records
     from agq_jax.envs.probes import probe_replies
     from agq_jax.envs.runtime import tools_block
 
-    raw = [r for r in json.load(open(DEMO)) if r["id"] in IDS]
+    raw = [r for r in json.load(open(demo_path)) if r["id"] in IDS]
     (tmp_path / "tasks.json").write_text(json.dumps(raw))
     tasks, _ = load_demo_records(raw)
     gold = [r for t in tasks for r in reference.gold_for(t, "reference")]
@@ -29,10 +28,10 @@ def _setup(tmp_path):
     return tasks, action_tokenizer(sorted(set(gold + wrong)), phrases=phrases)   # no words: most samples are actions
 
 
-def test_imported_tasks_train_in_the_teacher_world(tmp_path):
+def test_imported_tasks_train_in_the_teacher_world(tmp_path, demo_path):
     from agq_jax.driver import Driver
 
-    tasks, tok = _setup(tmp_path)
+    tasks, tok = _setup(tmp_path, demo_path)
     c = load_tiny_config()
     c.run_dir = str(tmp_path / "run")
     c.data.update(task_files=(str(tmp_path / "tasks.json"),), heldout_tasks=0)

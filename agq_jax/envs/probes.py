@@ -1,6 +1,6 @@
 """Reward probes: scripted agents that try to game a reward, scored next to the gold path.
 
-    python -m agq_jax.envs.probes --data=/work/shared/data/agenticqwen/tool_use_demo.json [--protocol=reference]
+    python -m agq_jax.envs.probes --data=../shared/data/agenticqwen/tool_use_demo.json [--protocol=reference]
 
 - gold: the task's gold replies (the normal path, asking, confirming, refusing what is illegal);
 - refuse: "I'm sorry, I cannot help with that." every turn (no lookup);

@@ -3,12 +3,32 @@ list, the nine-column parquet) and our task JSONL, split deterministically into 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+import os
+from pathlib import Path
+from typing import Iterable, Optional
 
 from agq_jax.envs.importers import ImportIssue, load_demo_json, load_jsonl, load_parquet
 from agq_jax.envs.schema import Task
 
 LOADERS = {".json": load_demo_json, ".parquet": load_parquet, ".jsonl": load_jsonl}
+
+# The released AgenticQwen data (demo tasks, personas) is not in the repository: it sits in shared/ beside the
+# checkout (any worktree of it), or wherever $AGQ_SHARED points (the same variable configs/_reference.py reads).
+SHARED_ENV = "AGQ_SHARED"
+DEMO_TASKS, PERSONAS = "tool_use_demo.json", "persona_5K.jsonl"
+
+
+def released_dir() -> Path:
+    """Where the released AgenticQwen files are expected: $AGQ_SHARED/data/agenticqwen, else
+    <checkout>/../shared/data/agenticqwen (whether or not it exists)."""
+    root = os.environ.get(SHARED_ENV) or Path(__file__).resolve().parents[2].parent / "shared"
+    return Path(root) / "data" / "agenticqwen"
+
+
+def released_file(name: str) -> Optional[str]:
+    """The path of one released file (e.g. DEMO_TASKS) when it is present, else None."""
+    path = released_dir() / name
+    return str(path) if path.is_file() else None
 
 
 def load_task_files(paths: Iterable[str]) -> tuple[list[Task], list[ImportIssue]]:
