@@ -92,6 +92,42 @@ def test_teacher_tool_same_call_same_state_same_answer_across_rollouts(loopback,
         TeacherToolBackend(task, chat, cache).call("run_quantum_gravity_simulation", {"event_id": "x"})
 
 
+def test_teacher_tool_serves_the_tasks_world_state(loopback):
+    """A call no known return pins is answered from the task's world state (synthesized tasks carry one), and a
+    later read sees the episode's write to that record; without the world state the record does not exist."""
+    srv, client = loopback
+    chat = client.as_callable("mock_tool")
+    base = _records_task()
+    world = {"records": [{"record_id": "R-7", "status": "on hold", "owner": "Grace"}]}
+    only_write = ExpectedToolReturns(normal_path=[base.expected_returns.normal_path[1]])
+    task = base.model_copy(update={"id": "records-ws", "expected_returns": only_write, "metadata": {"world_state": world}})
+    tools = TeacherToolBackend(task, chat, SharedToolCache())
+    assert tools.call("get_record", {"record_id": "R-7"}) == {"record_id": "R-7", "status": "on hold", "owner": "Grace"}
+    sent = srv.requests[-1]["body"]["messages"][1]["content"]
+    assert json.dumps(world) in sent                                           # the world state was served
+    assert tools.call("update_record", {"record_id": "R-7", "new_status": "closed"}) == {"updated": True}
+    assert tools.call("get_record", {"record_id": "R-7"})["status"] == "closed"  # never reverted
+    blind = task.model_copy(update={"id": "records-no-ws", "metadata": {}})
+    assert "error" in TeacherToolBackend(blind, chat, SharedToolCache()).call("get_record", {"record_id": "R-7"})
+
+
+def test_teacher_user_answers_a_confirmation_as_the_task_says(loopback):
+    """Not a fixed yes: the user the task describes as unwilling declines and stops; a willing one agrees."""
+    srv, client = loopback
+    ask = "I can close R-1 for you now. Shall I proceed?"
+    for confirm in (True, False):
+        task = _records_task()
+        task = task.model_copy(update={"user": task.user.model_copy(update={"confirm": confirm})})
+        user = TeacherUser(task, client.as_callable("mock_user"))
+        msgs = [{"role": "system", "content": "policy"}, {"role": "user", "content": task.user_opening},
+                {"role": "assistant", "content": ask}]
+        turn = user.respond(ask, msgs)
+        assert turn.confirmed is confirm, turn
+        assert turn.stop is (not confirm)
+        sent = srv.requests[-1]["body"]["messages"][1]["content"]
+        assert ("say no" in sent) is (not confirm)
+
+
 def test_malformed_tool_replies_are_counted_retried_then_an_observation():
     with start_loopback_teacher(malformed_rate=1.0, malformed_kinds=("wrong_schema",)) as srv:
         client = _client(srv)
