@@ -55,6 +55,8 @@ def test_imported_tasks_train_in_the_teacher_world(tmp_path, demo_path):
     assert max(m["rollout/reward_std"] for m in grpo) > 0.0      # a group with a signal
     for role in ("mock_user", "judge"):   # the teachers played the world (this task's calls are all pinned
         assert stats[role]["calls"] > 0, stats   # returns, so the mock tool answers them: tests/test_envs_world.py)
+    # the episodes' own teacher counts reach the step metrics (malformed / failed replies would show there too)
+    assert sum(m.get("env/mock_user/calls", 0.0) for m in grpo) > 0
     man = json.load(open(os.path.join(c.run_dir, "data", "round_0", "manifest.json")))
     assert man["mode"] == "teacher"
     assert os.listdir(os.path.join(c.run_dir, "checkpoints")) and out["export"]

@@ -104,7 +104,7 @@ class RolloutBatch:
         return np.asarray([e.group_id for e in self.episodes], np.int32)
 
     def metrics(self) -> dict[str, float]:
-        """Scalars for logging: reward mean and components, lengths, turns, terminations."""
+        """Scalars for logging: reward mean and components, lengths, turns, terminations, the envs' counters."""
         eps = self.episodes
         out: dict[str, float] = {
             "rollout/reward_mean": float(self.rewards.mean()),
@@ -118,6 +118,9 @@ class RolloutBatch:
             out[f"reward/{key}"] = float(np.mean(vals))
         for term, n in Counter(e.termination for e in eps).items():
             out[f"termination/{term}"] = n / len(eps)
+        # the envs' own counts (teacher calls, malformed / failed teacher replies, tool errors): batch totals
+        counts = sum((Counter(getattr(e.record, "counters", None) or {}) for e in eps), Counter())
+        out.update({f"env/{k}": float(v) for k, v in sorted(counts.items())})
         return out
 
     def pack(self, *, pad_id: Optional[int] = None, pad_to_multiple: int = 64, max_len: int | None = None,
