@@ -1,10 +1,16 @@
 """The reward on all 100 released demo tasks cannot be gamed: refusing, doing nothing and replaying the hack
 path all score below the gold path (the hack path 0), under both agent protocols."""
+import re
+from pathlib import Path
+
 import pytest
 
 from agq_jax.envs import probes
 from agq_jax.envs.importers import load_demo_json
 from agq_jax.envs.rewards import RewardConfig
+from data_synth.loopback_teacher import start_loopback_teacher
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "mock_world.md"
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +53,14 @@ def test_reference_gate(tasks):
     rows = probes.probe_table(tasks[:30], "reference", cfg)
     assert rows["gold"]["full_reward"] == 30
     assert rows["refuse"]["mean"] == 0.0 and rows["nothing"]["mean"] == 0.0   # no tool response: gated to 0
+
+
+def test_the_documented_probe_tables_reproduce(tasks, demo_path, capsys):
+    """docs/mock_world.md's probe tables are what `python -m agq_jax.envs.probes` prints: offline under both
+    protocols, and with the loopback teacher as user, tools and judge."""
+    offline, teacher = re.findall(r"```\n(probe .*?)\n```", DOC.read_text(), re.S)
+    for protocol in ("plain", "reference"):
+        assert probes.format_table(probes.probe_table(tasks, protocol)) == offline, protocol
+    with start_loopback_teacher() as srv:
+        assert probes.main(["--data", demo_path, "--teacher_url", srv.base_url]) == 0
+    assert capsys.readouterr().out.startswith(teacher + "\n")

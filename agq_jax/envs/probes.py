@@ -1,6 +1,6 @@
 """Reward probes: scripted agents that try to game a reward, scored next to the gold path.
 
-    python -m agq_jax.envs.probes --data=../shared/data/agenticqwen/tool_use_demo.json [--protocol=reference]
+    python -m agq_jax.envs.probes [--data=TASKS] [--protocol=reference]   (default: the released demo tasks)
 
 - gold: the task's gold replies (the normal path, asking, confirming, refusing what is illegal);
 - refuse: "I'm sorry, I cannot help with that." every turn (no lookup);
@@ -115,17 +115,20 @@ def format_table(rows: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    from agq_jax.envs.sources import load_task_files
+    from agq_jax.envs.sources import DEMO_TASKS, load_task_files, released_dir, released_file
     from agq_jax.envs.teacher_io import openai_chat
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="tool_use_demo.json, a nine-column parquet or a task JSONL")
+    ap.add_argument("--data", default=released_file(DEMO_TASKS),
+                    help="tool_use_demo.json, a nine-column parquet or a task JSONL (default: the released demo tasks)")
     ap.add_argument("--protocol", default="plain", choices=reference.PROTOCOLS)
     ap.add_argument("--gates", default="no_forbidden", help="comma-separated reward gates")
     ap.add_argument("--teacher_url", default="", help="an OpenAI-compatible server (e.g. python -m "
                     "data_synth.loopback_teacher): the paper's world, teacher user + tools + judge")
     ap.add_argument("--teacher_model", default="loopback-teacher")
     args = ap.parse_args(argv)
+    if not args.data:
+        ap.error(f"--data is required: the released demo tasks are not at {released_dir() / DEMO_TASKS}")
     tasks, issues = load_task_files([args.data])
     gates = tuple(g for g in args.gates.split(",") if g)
     world = offline_world(args.protocol, gates)
