@@ -50,10 +50,45 @@ def _failures():
     return {"agentic": [], "reasoning": [p.model_dump() for p in generate_seed_set(3, 5, kinds=("arithmetic",))]}
 
 
+def _paper_world_plays(tasks: list[Task], base_url: str) -> None:
+    """Synthesized tasks in the paper's world (teacher user, tools and judge; reference protocol and gate): the
+    gold path scores 1, refusing at once less, the hack path 0."""
+    from agq_jax.envs import probes
+    from agq_jax.envs.judge import JudgeCache
+    from agq_jax.envs.world import TeacherChats, World, WorldSpec
+    from data_synth.teachers import Endpoint, TeacherClient
+
+    roles = ("mock_user", "mock_tool", "judge")
+    ep = Endpoint(base_url=base_url, model="loopback", backoff_s=0.01, timeout_s=10)
+    with TeacherClient({r: ep for r in roles}) as c:
+        world = World(WorldSpec(user="teacher", tools="teacher", judge="teacher", protocol="reference",
+                                gates=("no_forbidden", "tool_response", "clean_end")),
+                      TeacherChats(*(c.as_callable(r) for r in roles)), JudgeCache())
+
+        def play(task, replies):
+            env = world.make_env(task)
+            env.reset()
+            for r in replies:
+                if env.step(r).done:
+                    break
+            if not env.done:
+                env.finish("max_agent_turns")
+            return env.reward()
+
+        for t in tasks:
+            gold = play(t, world.gold_replies(t))
+            assert gold.total == 1.0 and gold.components["subgoal/judge"] == 1.0, (t.id, gold.components)
+            assert play(t, probes.probe_replies(t, "refuse", "reference")).total < 1.0, t.id
+            if t.expected_returns.hack_path and not t.branch.legal:
+                assert play(t, probes.probe_replies(t, "hack", "reference")).total == 0.0, t.id
+        assert all(c.stats_dict()[r]["calls"] > 0 for r in ("mock_user", "judge")), c.stats_dict()
+
+
 def test_a_teacher_round_with_every_synthesis_role(tmp_path):
     with start_loopback_teacher() as srv:
         res = run_round(_config(tmp_path, srv.base_url, "clean"), 0, _failures())
         counts = dict(srv.loopback.counts)
+        _paper_world_plays([Task.model_validate(row) for row in read_jsonl(res.agentic_path)], srv.base_url)
     for role in ("blueprint", "expand", "backtranslate", "adversarial", "agent", "self_instruct", "persona", "solver"):
         assert counts.get(role, 0) > 0, (role, counts)
     assert not any(k.startswith("malformed") for k in counts)
