@@ -172,6 +172,17 @@ def test_teacher_user_reveals_gradually_and_climbs_the_escape_ladder(loopback, d
     assert prompts and all("get_gravitational_wave_event" not in p for p in prompts)   # no tool traffic shown
 
 
+def test_teacher_user_sees_the_test_policy_except_on_clarification_cases(demo):
+    """As in the reference: the user is told which policy the case tests (so it can push against it), except
+    on clarification cases, where knowing it would make the user volunteer what the agent must ask for."""
+    task = demo[0]
+    msgs = [{"role": "system", "content": "policy"}, {"role": "user", "content": task.user_opening}]
+    seen = TeacherUser(task, lambda m: "").prompt(msgs, "Which event?")[1]["content"]
+    assert task.test_policy and task.test_policy in seen
+    clar = task.model_copy(update={"branch": task.branch.model_copy(update={"branch_type": "clarification"})})
+    assert task.test_policy not in TeacherUser(clar, lambda m: "").prompt(msgs, "Which event?")[1]["content"]
+
+
 def test_judge_is_cached_and_survives_malformed_verdicts(demo):
     task = demo[0]
     replies = iter(["I think it passed.", "<final_judgment>\n{\"judgment\": \"Task completed\"}\n</final_judgment>"])
