@@ -96,20 +96,21 @@ def chat_with_export(export_dir: str, rc, max_new_tokens: int = 96) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agq_jax.driver.data import heldout_items, make_env, make_world
+    from agq_jax.tokenizer import SpecialIds
 
     item = heldout_items(rc)[0]
     env = make_env(item, make_world(rc.env, scripted=True))
     messages = env.reset()
-    tools = None if getattr(env, "embed_tools", False) else (env.tool_schemas or None)  # as the rollouts render it
+    tools = None if env.embed_tools else (env.tool_schemas or None)  # as the rollouts render it
     tok = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
     ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=False,
                                   return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("</tool_call>")]
+    special = SpecialIds.of(tok)   # the same stop ids as the rollouts
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                             pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(special.stop_ids),
+                             pad_token_id=special.endoftext)
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
     return f"[{item.domain} / {item.branch}] user: {messages[-1]['content']}\n[agent, transformers] {reply}"
 
