@@ -183,6 +183,30 @@ def test_teacher_user_sees_the_test_policy_except_on_clarification_cases(demo):
     assert task.test_policy not in TeacherUser(clar, lambda m: "").prompt(msgs, "Which event?")[1]["content"]
 
 
+def test_teacher_user_replies_are_parsed_counted_and_never_crash_an_episode():
+    """The user's words are the last <reply> body; a bare reply is accepted and counted, an empty one is asked
+    again with the complaint appended; a user that never answers ends its episode as an error, not the batch."""
+    task = _records_task()
+    replies = iter(["", "<reply>draft</reply> on second thought <reply>It's R-1, thanks.</reply>", "Sure."])
+    sent = []
+
+    def chat(messages):
+        sent.append(messages)
+        return next(replies)
+
+    user = TeacherUser(task, chat)
+    msgs = [{"role": "system", "content": "p"}, {"role": "user", "content": task.user_opening}]
+    assert user.respond("Which record?", msgs).text == "It's R-1, thanks."
+    assert user.counters["mock_user/malformed"] == 1 and "could not be used" in sent[1][-1]["content"]
+    bare = user.counters["mock_user/unwrapped"]
+    assert user.respond("Anything else?", msgs).text == "Sure." and user.counters["mock_user/unwrapped"] == bare + 1
+    env = make_env(task, user="teacher", user_chat=lambda m: "   ", tools="expected")
+    env.reset()
+    res = env.step("Which record is it?")
+    assert res.done and env.record.termination == "error" and "mock_user" in env.record.error
+    assert env.record.counters["mock_user/failed"] == 1 and env.record.counters["mock_user/malformed"] == 3
+
+
 def test_judge_is_cached_and_survives_malformed_verdicts(demo):
     task = demo[0]
     replies = iter(["I think it passed.", "<final_judgment>\n{\"judgment\": \"Task completed\"}\n</final_judgment>"])
