@@ -22,7 +22,7 @@ DEFAULT_LAYOUT = "v5p-256"
 
 MESH_LAYOUTS = {
     "v5p-256": Layout("tpu-v5p", 128, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=32,
-                      decode_batch_size=32, topology="v5p:4x4x8",
+                      decode_batch_size=32, expert_shards=4, topology="v5p:4x4x8",
                       note="128 chips / 32 hosts; ~29 GB of training state per chip"),
     "h100x128": Layout("h100", 128, dict(data=1, fsdp=-1, tensor=8, expert=1), micro_batch_rows=16,
                        note="sixteen 8xH100 nodes; tensor=8 over NVLink"),

@@ -68,6 +68,7 @@ class Layout(NamedTuple):
     note: str = ""
     topology: str = ""            # TPU slice for `python -m agq_jax.aot` (get_topology_desc name); "" on GPU
     decode_batch_size: int = 0    # episodes one host decodes together (from its compiled memory); 0 = all
+    expert_shards: int = 0        # expert shards of each rollout copy (0 = the mesh's); past a host: multi-host groups
 
 
 def mesh_shape(layout: Layout, devices: int | None = None) -> dict[str, int]:
@@ -194,6 +195,7 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.rollout.enable_thinking = False   # the paper's models are non-thinking (the protocol's /no_think)
     c.rollout.max_workers = 64
     c.rollout.decode_batch_size = lay.decode_batch_size
+    c.rollout.expert_shards = lay.expert_shards
     c.env.user = "teacher"              # the paper's world: LLM mock user and tools, rubric judge
     c.env.tools = "teacher"
     c.env.judge = "teacher"
@@ -234,7 +236,7 @@ SMOKE_FIELDS = (
     "rl.steps_per_round", "rl.tasks_per_step", "rl.group_size", "rl.mini_batch_tasks", "rl.micro_batch_rows",
     "rl.max_refill_batches",
     "rollout.max_len", "rollout.max_response_tokens", "rollout.max_new_tokens_per_turn",
-    "rollout.decode_batch_size", "rollout.max_workers", "rollout.chunk_size",
+    "rollout.decode_batch_size", "rollout.expert_shards", "rollout.max_workers", "rollout.chunk_size",
     "eval.k", "eval.batch_size",
     "checkpoint.every_steps", "export.max_shard_bytes",
     "teachers.default.base_url", "teachers.default.concurrency", "teachers.default.timeout_s",
@@ -279,6 +281,8 @@ def shrink(c, layout: Layout):
     c.rollout.max_response_tokens = 384
     c.rollout.max_new_tokens_per_turn = 32
     c.rollout.decode_batch_size = 4
+    if c.rollout.expert_shards:         # one smoke process holds every copy: the smallest multi-shard copy
+        c.rollout.expert_shards = 2 * c.mesh.expert
     c.rollout.max_workers = 8
     c.rollout.chunk_size = 512
     c.eval.k = 2

@@ -16,12 +16,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_workers(script: str, out_dir, *, num_processes: int = 2, devices_per_process: int = 1) -> list:
-    """Popen `python script PORT PID OUT_DIR NUM_PROCESSES` once per process, CPU only, stdout+stderr piped."""
+def start_workers(script: str, out_dir, *, num_processes: int = 2, devices_per_process: int = 1, args=()) -> list:
+    """Popen `python script PORT PID OUT_DIR NUM_PROCESSES *ARGS` once per process, CPU only, stdout+stderr piped."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    return [subprocess.Popen([sys.executable, script, str(port), str(i), str(out_dir), str(num_processes)], env=env,
+    return [subprocess.Popen([sys.executable, script, str(port), str(i), str(out_dir), str(num_processes), *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(num_processes)]
 

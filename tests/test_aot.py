@@ -1,5 +1,6 @@
 """The AOT compiler tool (`python -m agq_jax.aot`): its loop-aware HLO accounting, and its figures for a small
-model of each family compiled for a real TPU topology (v5e 2x2) by libtpu in .venv-tpu.
+model of each family compiled for a real TPU topology by libtpu in .venv-tpu: the dense model on one v5e 2x2
+host, the MoE model on a two-host v5p 2x2x2 slice whose rollout copy spans both hosts (rollout groups).
 
 The TPU check runs in a subprocess under .venv-tpu (`make tpu-venv`: .venv plus libtpu); it skips, saying so,
 only when that interpreter is missing and libtpu cannot be installed from the package index.
@@ -72,6 +73,7 @@ from agq_jax.run_config import RunConfig, load_configdict, model_config
 
 family = sys.argv[1]
 spec = "configs/30b_a3b.py:v5p-64" if family == "moe" else "configs/8b.py:v5p-32"
+topology = "v5p:2x2x2" if family == "moe" else "v5e:2x2"
 c = load_configdict(spec)
 c.model.preset = ""
 c.model.hf_path = ""
@@ -83,16 +85,18 @@ if family == "moe":
 c.model.overrides = small
 c.mesh.update(fsdp=-1, tensor=2)
 c.rl.update(tasks_per_step=4, group_size=4, mini_batch_tasks=2, micro_batch_rows=4)
-c.rollout.update(max_len=512, max_response_tokens=256, chunk_size=128, decode_batch_size=8)
+c.rollout.update(max_len=512, max_response_tokens=256, chunk_size=128, decode_batch_size=8,
+                 expert_shards=4 if family == "moe" else 0)  # moe: tensor 2 x expert 4 = both hosts' 8 chips
 rc = RunConfig.from_configdict(c)
-result = run(spec, rc=rc, topology="v5e:2x2", cache_dir=sys.argv[2])
+result = run(spec, rc=rc, topology=topology, cache_dir=sys.argv[2])
 print(format_result(result), file=sys.stderr)
-assert run(spec, rc=rc, topology="v5e:2x2", cache_dir=sys.argv[2]) == json.loads(json.dumps(result))  # cached
+again = run(spec, rc=rc, topology=topology, cache_dir=sys.argv[2], log=lambda m: print(m, file=sys.stderr))
+assert again == json.loads(json.dumps(result))  # every program's figures read back from the cache
 
 # The same update compiled independently: the Trainer's state layout built by hand from the model.
 cfg = model_config(rc, weights_optional=True)
 optim, loss, _ = trainer_configs(rc, "grpo")
-mesh = layouts.mesh_of(rc, chips.topology_devices("v5e:2x2"))
+mesh = layouts.mesh_of(rc, chips.topology_devices(topology))
 model = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32))
 graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 p_sh = shd.state_shardings(params, mesh)
@@ -100,7 +104,7 @@ state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=jax.eval_shape(make_optimizer(optim).init, params),
                         rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
 state = pr.with_shardings(state, step.train_state_shardings(optim, params, p_sh, rest, mesh))
-rows, seq = 8, 512
+rows, seq = 8, 512  # the mini-batch: tasks 2 x group 4
 rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 mini = {k: jax.ShapeDtypeStruct((rows,) if k == "advantages" else (rows, seq), jnp.dtype(dt), sharding=rep)
         for k, dt in pr.GRPO_BATCH.items()}
@@ -137,8 +141,15 @@ def test_tpu_figures_match_the_compiled_programs(family, tmp_path):
     # loop-aware FLOPs: the update does at least the 6 x active params x tokens of the model
     assert train["flops_ratio"] >= 1.0
     assert train["flops"] > 2 * train["xla_flops"]  # 2 layers x 2 micro-batches counted, not once
-    # the decode program holds the bf16 rollout copy, split over the host's tensor groups
+    # the decode program holds the bf16 rollout copy, split over the group's tensor x expert chips
     assert r["programs"]["decode"]["arguments"] < train["arguments"]
+    if family == "moe":  # one copy over both hosts: experts and rows split over 4 expert shards, tensor 2
+        assert r["group_hosts"] == 2 and r["group_mesh"] == dict(data=1, fsdp=1, tensor=2, expert=4)
+        assert r["programs"]["decode"]["collectives"].get("all-gather", 0) > 0  # the group's tokens gathered
+    else:  # one v5e host: its 2 copies (tensor 2) decode its rows data-parallel
+        assert r["group_hosts"] == 1 and r["group_mesh"] == dict(data=2, fsdp=1, tensor=2, expert=1)
+    # splash attention's FLOPs are counted from its kernels' shapes (no Pallas cost estimate)
+    assert train["analytic_flops"] > 0 and not train["kernels_without_cost"]
 
 
 COST_SCRIPT = r'''
@@ -206,29 +217,39 @@ out = {}
 for path in ("configs/0_6b.py", "configs/8b.py", "configs/30b_a3b.py", "configs/235b_a22b.py"):
     for layout in tpu_layouts(path):
         spec = f"{path}:{layout}"
-        devices = chips.topology_devices(layouts.topology_of(spec))
-        mesh = layouts.mesh_of(load(spec), devices)
-        try:
-            blocks = {p: b.shape for p, b in placement.process_blocks(mesh).items()}
-        except ValueError as e:
-            blocks = str(e)
+        rc = load(spec)
+        topology = layouts.topology_of(spec)
+        devices = chips.topology_devices(topology)
+        mesh = layouts.mesh_of(rc, devices)
+        rmesh = placement.rollout_mesh(mesh, rc.rollout.expert_shards)
+        owners = placement.copy_processes(rmesh)
+        groups = {tuple(sorted({d.process_index for d in placement.group_mesh(rmesh, p).devices.flat}))
+                  for p in range(len({d.process_index for d in devices}))}
+        gmesh, sub = layouts.group_mesh_of(rc, mesh, topology)
         out[spec] = dict(devices=len(devices), mesh=dict(mesh.shape), size=int(mesh.devices.size),
-                         unique=len({d.id for d in mesh.devices.flat}),
-                         hosts=len({d.process_index for d in devices}), blocks=str(blocks))
+                         unique=len({d.id for d in mesh.devices.flat}), hosts=len({d.process_index for d in devices}),
+                         copy_hosts=max(len(o) for o in owners), groups=sorted(groups), sub=sub,
+                         sub_devices=int(gmesh.devices.size), group_mesh=dict(gmesh.shape))
 print(json.dumps(out))
 '''
 
 
-def test_every_tpu_layout_builds_its_mesh_on_the_real_topology():
+def test_every_tpu_layout_builds_its_meshes_on_the_real_topology():
     """sharding.make_mesh places every shipped TPU layout on its slice's devices (v6e 8x8 included, where
-    jax.make_mesh cannot), and each host's chips hold whole tensor x expert groups (its rollout copy)."""
+    jax.make_mesh cannot); its rollout copies split the hosts into disjoint rollout groups (one per host, or
+    the hosts one copy spans: 235B), and each group's mesh builds on a slice of its own shape."""
     py = _tpu_python()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     out = subprocess.run([str(py), "-c", MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert "configs/30b_a3b.py:v6e-64" in res and res["configs/30b_a3b.py:v6e-64"]["mesh"]["fsdp"] == 16
+    assert res["configs/30b_a3b.py:v6e-64"]["sub"] == "v6e:2x2"  # one 4-chip host, ids 0..3
+    big = res["configs/235b_a22b.py:v5p-256"]
+    assert big["copy_hosts"] > 1 and big["group_mesh"]["expert"] == big["copy_hosts"] * 4 // big["mesh"]["tensor"]
     for name, r in res.items():
         assert r["size"] == r["unique"] == r["devices"], name
-        assert "spans" not in r["blocks"], (name, r["blocks"])
-        assert r["blocks"].count("(") == r["hosts"], (name, r["blocks"])  # a block of whole groups per host
+        groups = [p for g in r["groups"] for p in g]
+        assert sorted(groups) == list(range(r["hosts"])), (name, r["groups"])  # every host in exactly one group
+        assert all(len(g) == r["copy_hosts"] for g in r["groups"]), (name, r["groups"])
+        assert r["sub_devices"] == r["devices"] * r["copy_hosts"] // r["hosts"], name

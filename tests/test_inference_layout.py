@@ -51,7 +51,8 @@ def _weight_copies(sampler, model, cfg) -> list[str]:
     cache = sampler.init_cache(2, 32)
     logits = jnp.zeros((2, cfg.vocab_size), jnp.float32)
     hlo = sampler._decode.lower(sampler.graphdef, state, cache, logits, jax.random.key(0), np.ones(2, bool),
-                                np.full(2, 4, np.int32), jnp.int32(32), params=SamplingParams(temperature=0.0),
+                                np.full(2, 4, np.int32), np.arange(2, dtype=np.int32), jnp.int32(32),
+                                params=SamplingParams(temperature=0.0),
                                 max_new=4, pad_id=0).compile().as_text()
     h, i = cfg.hidden_size, cfg.intermediate_size
     shapes = (f"f32[{h},{i}]", f"f32[{i},{h}]")

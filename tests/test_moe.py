@@ -58,10 +58,12 @@ def test_sorted_dispatch_handles_empty_experts(expert_inputs):
         np.testing.assert_allclose(np.asarray(impl(x, top_i, top_w, wg, wu, wd)), ref, atol=1e-5)
 
 
-def test_megablox_sharded_equals_dense_values_and_grads(expert_inputs):
+@pytest.mark.parametrize("rows", [N // 4, N], ids=["tokens-fsdp", "tokens-fsdp-expert"])
+def test_megablox_sharded_equals_dense_values_and_grads(expert_inputs, rows):
     """Megablox under a (fsdp 2, tensor 2, expert 2) mesh of CPU devices: the shard_map path (each expert shard
     computes its own groups via group_offset, partial outputs summed over tensor and expert) gives the dense
-    oracle's outputs and gradients, the weight gradients landing on their shards."""
+    oracle's outputs and gradients, the weight gradients landing on their shards; with the tokens split over
+    the expert axis too (expert parallelism) the expert group's tokens are gathered and the sum scattered back."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from agq_jax.models import sharding
 
@@ -78,9 +80,11 @@ def test_megablox_sharded_equals_dense_values_and_grads(expert_inputs):
     (_, y_d), g_d = make(moe.experts_dense)(x, router, wg, wu, wd)
     put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))  # noqa: E731
     with jax.set_mesh(mesh):
-        args = (put(x, "fsdp"), router, put(wg, "expert", "fsdp", "tensor"), put(wu, "expert", "fsdp", "tensor"),
+        tokens = sharding.logical_to_pspec(("batch",), (rows,), mesh)[0]  # N/4 = 6 rows cannot split over expert
+        assert tokens == (("fsdp", "expert") if rows == N else "fsdp")
+        args = (put(x, tokens), router, put(wg, "expert", "fsdp", "tensor"), put(wu, "expert", "fsdp", "tensor"),
                 put(wd, "expert", "tensor", "fsdp"))
-        (_, y_m), g_m = make(moe.experts_megablox, batch_rows=N)(*args)
+        (_, y_m), g_m = make(moe.experts_megablox, batch_rows=rows)(*args)
     np.testing.assert_allclose(np.asarray(y_m), np.asarray(y_d), atol=1e-5)
     for a, b in zip(g_m, g_d):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -2,7 +2,10 @@
 envs, return the same episodes as one process running the whole batch.
 
 The policy is a tiny random Qwen3 built by the driver (`build_model`; in the workers, two CPU devices each,
-sharded over the 4-device two-process mesh, so sampling runs on a local 2-device mesh with a padded batch), the envs are real procedural mock-world tasks with the scripted user and state tools, the
+sharded over the 4-device two-process mesh). Dense: each process samples on its own 2-device rollout group
+with a padded batch. MoE with `rollout.expert_shards=4`: one rollout copy spans both processes (its experts
+split over all 4 devices), so the two processes run the group's sampler programs together, each feeding its
+own rows. The envs are real procedural mock-world tasks with the scripted user and state tools, the
 tokenizer is the driver tests' word-level one (tests/_train_tiny.py) so prompts stay short.
 """
 import json
@@ -18,7 +21,10 @@ N_TASKS, GROUP = 4, 2
 CASES = [(N_TASKS * GROUP, dict(temperature=1.0), 11), (5, dict(temperature=0.8, top_k=5), 12)]
 
 
-def setup():
+MOE = dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+
+
+def setup(family: str = "dense"):
     """(config, tokenizer, tasks): identical on every process."""
     from _train_tiny import action_tokenizer, load_tiny_config, run_config, system_prompts
     from agq_jax.envs.worlds.generator import generate_tasks
@@ -33,6 +39,9 @@ def setup():
                                num_key_value_heads=1, head_dim=16)
     cfg.rollout.update(max_len=256, max_new_tokens_per_turn=3, chunk_size=64)
     cfg.env.update(max_agent_turns=4, max_user_turns=4)
+    if family == "moe":
+        cfg.model.overrides.update(MOE)
+        cfg.rollout.expert_shards = 4  # one copy over both processes' 4 devices
     return run_config(cfg), tok, tasks
 
 
@@ -82,32 +91,46 @@ def episode_dict(e) -> dict:
             "record_type": type(e.record).__name__}
 
 
-def test_row_offset_key_matches_rows_of_the_whole_draw():
+def test_row_noise_is_the_rows_of_the_whole_draw():
+    """Per-row sampling noise: rows `row_ids` of one draw over the whole batch, for any subset, order and
+    batch split (counters past 2**32 included), so an episode's noise follows its row in the whole batch."""
     import jax
+    import jax.numpy as jnp
 
-    from agq_jax.rollout.multihost import row_bounds, row_offset_key
+    from agq_jax.rollout.multihost import row_bounds
+    from agq_jax.rollout.sampler import row_noise
 
     assert row_bounds(5, 2) == [(0, 3), (3, 5)] and row_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
-    key = jax.random.key(3)
-    logits = jax.random.normal(jax.random.key(1), (9, 50))
-    for off in (0, 4):
-        k = row_offset_key(key, off)
-        sub_full, sub_part = jax.random.split(key)[1], jax.random.split(k)[1]  # keys split like the sampler's
-        np.testing.assert_array_equal(jax.random.categorical(sub_full, logits)[off:],
-                                      jax.jit(jax.random.categorical)(sub_part, logits[off:]))
-        np.testing.assert_array_equal(jax.random.gumbel(sub_full, (9, 50))[off:off + 3], jax.random.gumbel(sub_part, (3, 50)))
+    key = jax.random.split(jax.random.key(3))[1]
+    full = np.asarray(jax.random.gumbel(key, (9, 50)))
+    for rows in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [4, 5, 6], [8, 2]):
+        got = jax.jit(row_noise, static_argnums=(2, 3))(key, jnp.asarray(rows), (len(rows), 50), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), full[rows])
+    # row * width > 2**32: the 64-bit counter row * width + j carries into its high word
+    from jax.extend.random import threefry2x32_p
+
+    from agq_jax.rollout.sampler import _row_bits
+
+    width, row = 151_936, 30_000
+    data = jax.random.key_data(key)
+    got = _row_bits(jnp.concatenate([data, jnp.asarray([row], jnp.uint32)]), 32, (width,))
+    counters = row * width + np.arange(width, dtype=np.int64)
+    b1, b2 = threefry2x32_p.bind(data[0], data[1], jnp.asarray(counters >> 32, jnp.uint32),
+                                 jnp.asarray(counters & 0xFFFFFFFF, jnp.uint32))
+    assert counters[-1] > 2**32 and np.array_equal(np.asarray(got), np.asarray(b1 ^ b2))
     with pytest.raises(ValueError, match="threefry2x32"):
-        row_offset_key(jax.random.key(0, impl="rbg"), 2)
+        row_noise(jax.random.key(0, impl="rbg"), jnp.arange(2), (2, 5), jnp.float32)
 
 
-def test_two_process_rollouts_equal_one_process(tmp_path):
-    procs = start_workers(__file__, tmp_path, devices_per_process=2)
+@pytest.mark.parametrize("family", ["dense", "moe"], ids=["group-per-host", "group-spans-hosts"])
+def test_two_process_rollouts_equal_one_process(tmp_path, family):
+    procs = start_workers(__file__, tmp_path, devices_per_process=2, args=(family,))
 
     from agq_jax.driver.build import build_model
     from agq_jax.driver.policy import Policy
     from agq_jax.tokenizer import SpecialIds
 
-    cfg, tok, tasks = setup()
+    cfg, tok, tasks = setup(family)
     ids = SpecialIds.of(tok)
     policy = Policy(cfg, build_model(cfg, tok, ids), tok, ids)  # one process, no mesh: the reference
     try:
@@ -136,6 +159,8 @@ def test_two_process_rollouts_equal_one_process(tmp_path):
 
 
 if __name__ == "__main__":  # one of the two worker processes
+    import sys
+
     pid, out = init_worker()
     import jax
 
@@ -145,13 +170,21 @@ if __name__ == "__main__":  # one of the two worker processes
     from agq_jax.models.sharding import MeshConfig, make_mesh
 
     assert jax.process_count() == 2 and jax.device_count() == 4
-    cfg, tok, tasks = setup()
+    family = sys.argv[5]
+    cfg, tok, tasks = setup(family)
     ids = SpecialIds.of(tok)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4))  # the driver's layout: params split across all 4 devices
     policy = Policy(cfg, build_model(cfg, tok, ids, mesh), tok, ids, mesh)
     try:
         result = run_cases(policy, tasks)
-        assert policy._local[1].mesh is not None and policy._local[1].batch_multiple == 2  # local 2-device mesh
+        sampler = policy._local[1]
+        if family == "dense":  # each process: its own 2-device group, rows split over its 2 copies
+            assert sampler.processes == 1 and dict(sampler.mesh.shape) == dict(data=2, fsdp=1, tensor=1, expert=1)
+        else:  # one group over both processes: experts and rows split over the 4 devices
+            assert sampler.processes == 2 and dict(sampler.mesh.shape) == dict(data=1, fsdp=1, tensor=1, expert=4)
+            up = policy._local[2]["blocks"][0]["layer"]["mlp"]["experts_up_proj"][...]  # [layers, experts, ...]
+            assert up.sharding.spec[1] == "expert" and len(up.addressable_shards) == 2
+            assert sampler.batch_multiple == 2
     finally:
         policy.close()
     with open(os.path.join(out, f"out{pid}.json"), "w") as f:

@@ -6,69 +6,41 @@
 Needs libtpu (`make aot` builds .venv-tpu: .venv plus libtpu). The slice's devices come from
 `jax.experimental.topologies.get_topology_desc` with the layout's `topology`; nothing runs on a TPU. Prints,
 per program, per-device memory against HBM, FLOPs, collective bytes, a roofline time and the MFU it implies;
-exits 1 when a program does not fit. Results are cached as JSON under --cache_dir, keyed by everything that
-changes them (config values, mesh, the source of agq_jax, jax and libtpu versions).
+exits 1 when a program does not fit. Each program's figures are cached as JSON under --cache_dir/programs,
+keyed by its lowered module, the devices, jax / libtpu versions and the accounting code (so a rerun lowers
+every program, seconds, and compiles only what changed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 GiB = 2**30
-
-
-def _source_digest() -> str:
-    h = hashlib.sha256()
-    for p in sorted((REPO / "agq_jax").rglob("*.py")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_key(rc, topology: str, programs) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import jax
-
-    try:
-        tpu = version("libtpu")
-    except PackageNotFoundError:
-        tpu = "none"
-    blob = json.dumps([repr(rc), topology, list(programs), _source_digest(), jax.__version__, tpu])
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def run(spec: str, overrides=(), programs=("train", "logprobs", "reshard", "prefill", "decode"),
         cache_dir: str = "", log=print, rc=None, topology: str | None = None) -> dict:
-    """Figures of one "configs/NAME.py:LAYOUT" spec, cached or compiled; `rc` / `topology` replace the spec's
-    RunConfig / its layout's topology (tests: a small model on a small slice)."""
+    """Figures of one "configs/NAME.py:LAYOUT" spec; `rc` / `topology` replace the spec's RunConfig / its
+    layout's topology (tests: a small model on a small slice). Every program is lowered (seconds); with
+    `cache_dir` one whose lowered module, devices, compiler and accounting were compiled before is not
+    compiled again (`programs.program_key`)."""
     from agq_jax.aot import layouts
     from agq_jax.run_config import load
 
     rc = rc if rc is not None else load(spec, overrides)
     topology = layouts.topology_of(spec) if topology is None else topology
-    path = hlo_dir = None
-    if cache_dir:
-        path = pathlib.Path(cache_dir) / f"{rc.name}_{rc.mesh.layout}_{cache_key(rc, topology, programs)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        hlo_dir = str(path.with_suffix(""))  # the optimized HLO of each program beside its figures
-        os.makedirs(hlo_dir, exist_ok=True)
-    result = layouts.compile_config(rc, topology, programs=programs, log=log, hlo_dir=hlo_dir)
-    if path is not None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=float))
-        os.replace(tmp, path)
-    return result
+    return layouts.compile_config(rc, topology, programs=programs, log=log, cache_dir=cache_dir or None)
 
 
 def format_result(r: dict) -> str:
+    group = (f"rollout groups of {r['group_hosts']} hosts ({r['group_topology']})" if r["group_hosts"] > 1
+             else f"rollouts on each host ({r['group_topology']})")
     lines = [f"{r['config']}:{r['layout']}  {r['topology']} ({r['devices']} x {r['chip']}, {r['processes']} hosts), "
-             f"mesh {r['mesh']}, rollouts per host {r['host_rows']} in {r['decode_rounds']} batch(es) of "
-             f"{r['decode_batch']}; train state {r['train_state_bytes'] / GiB:.1f} GiB/device",
+             f"mesh {r['mesh']}, {group} mesh {r['group_mesh']}, rollouts per host {r['host_rows']} in "
+             f"{r['decode_rounds']} batch(es) of {r['decode_batch']}; train state "
+             f"{r['train_state_bytes'] / GiB:.1f} GiB/device",
              f"  {'program':<9} {'args':>8} {'temps':>8} {'outputs':>8} {'+resident':>9} {'total':>8} {'of HBM':>7} "
              f"{'TFLOP':>9} {'coll GB':>8} {'roofline':>10} {'bound':>10} {'MFU':>6}  fits"]
     for name, p in r["programs"].items():

@@ -54,3 +54,23 @@ def topology_devices(topology: str):
     name, _, host = topology.partition("/")
     kw = {"chips_per_host_bounds": tuple(int(v) for v in host.split("x"))} if host else {}
     return topologies.get_topology_desc(platform="tpu", topology_name=name, **kw).devices
+
+
+def sub_topology(topology: str, devices) -> str:
+    """The slice name of `devices`, a block of whole hosts of `topology`'s slice ("v6e:2x2" for one host of
+    "v6e:8x8"): what a rollout group's programs compile for. libtpu compiles a program for a subset of a
+    slice's devices only when their ids are 0..n-1, so a group other than the first host cannot be
+    compiled from the whole slice; each group runs the same program on the same shape of chips."""
+    import math
+
+    if len(devices) == len(topology_devices(topology)):
+        return topology
+    gen, _, rest = topology.partition(":")
+    dims, _, host = rest.partition("/")
+    rank = len(dims.split("x"))
+    lo = [min(d.coords[i] for d in devices) for i in range(rank)]
+    shape = [max(d.coords[i] for d in devices) - lo[i] + 1 for i in range(rank)]
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"{len(devices)} devices of {topology} do not form a block ({'x'.join(map(str, shape))})")
+    name = f"{gen}:{'x'.join(map(str, shape))}"
+    return f"{name}/{host}" if host else name

@@ -74,9 +74,11 @@ class Cost:
     collectives: dict = dataclasses.field(default_factory=dict)  # opcode -> bytes
     custom_calls: dict = dataclasses.field(default_factory=dict)  # kernels without a cost estimate -> count
     unknown_loops: int = 0                                        # while loops whose trip count was not found
+    analytic_flops: float = 0.0                                   # of `flops`: splash kernels, from their shapes
 
     def add(self, other: "Cost", times: float = 1.0):
         self.flops += times * other.flops
+        self.analytic_flops += times * other.analytic_flops
         self.bytes += times * other.bytes
         self.collective_bytes += times * other.collective_bytes
         for k, v in other.collectives.items():
@@ -366,6 +368,7 @@ def analyze(hlo_text: str) -> Cost:
                 cost.flops += est[0]
             elif splash is not None:
                 cost.flops += splash[0]
+                cost.analytic_flops += splash[0]
             elif tname == "tpu_custom_call":
                 cost.custom_calls[tname] = cost.custom_calls.get(tname, 0) + 1
         if op not in ("while",):

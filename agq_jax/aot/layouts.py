@@ -35,8 +35,23 @@ def mesh_of(rc, devices):
     return shd.make_mesh(shd.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert), devices=devices)
 
 
+def group_mesh_of(rc, mesh, topology: str):
+    """(the first rollout group's mesh built on a slice of the group's own shape, that slice's name): the
+    devices a group's sampler programs run on, with ids libtpu accepts (`chips.sub_topology`)."""
+    from agq_jax.models import sharding as shd
+    from agq_jax.rollout import placement
+
+    rmesh = placement.rollout_mesh(mesh, rc.rollout.expert_shards)
+    first = [d for d in rmesh.devices.flat if d.process_index in set(placement.copy_processes(rmesh)[0])]
+    name = chips.sub_topology(topology, first)
+    m = rc.mesh
+    sub_mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=-1, tensor=m.tensor, expert=m.expert),
+                             devices=chips.topology_devices(name))
+    return placement.group_mesh(placement.rollout_mesh(sub_mesh, rc.rollout.expert_shards), 0), name
+
+
 def compile_config(rc, topology: str, programs=("train", "logprobs", "reshard", "prefill", "decode"), log=print,
-                   hlo_dir: str | None = None) -> dict:
+                   cache_dir: str | None = None) -> dict:
     """Compile every program of `rc` (a RunConfig) for `topology` ("" = this host's own GPUs)."""
     from agq_jax.driver.build import trainer_configs
     from agq_jax.rollout.sampler import SamplingParams
@@ -51,10 +66,13 @@ def compile_config(rc, topology: str, programs=("train", "logprobs", "reshard", 
                              "GPU node (run this command there)")
         topology = f"{len(devices)} x {devices[0].device_kind}"
     mesh = mesh_of(rc, devices)
+    gmesh, group_topology = group_mesh_of(rc, mesh, topology) if devices[0].platform == "tpu" else (None, topology)
     optim, loss, _ = trainer_configs(rc, "grpo")
     sampling = SamplingParams(temperature=rc.rl.temperature, top_p=rc.rl.top_p, top_k=rc.rl.top_k)
     log(f"{rc.name}:{rc.mesh.layout} on {topology} ({len(devices)} devices), mesh {dict(mesh.shape)}")
-    out = plan.compile_layout(model_config(rc, weights_optional=True), mesh, shapes_of(rc), loss, optim,
-                              sampling=sampling, programs=tuple(programs), log=log, hlo_dir=hlo_dir)
-    out.update(config=rc.name, layout=rc.mesh.layout, topology=topology, jax=jax.__version__)
+    out = plan.compile_layout(model_config(rc, weights_optional=True), mesh, shapes_of(rc), loss, optim, gmesh=gmesh,
+                              expert_shards=rc.rollout.expert_shards, sampling=sampling, programs=tuple(programs),
+                              log=log, cache_dir=cache_dir)
+    out.update(config=rc.name, layout=rc.mesh.layout, topology=topology, group_topology=group_topology,
+               jax=jax.__version__)
     return out

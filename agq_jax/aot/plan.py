@@ -2,7 +2,8 @@
 
 `compile_layout` is what `python -m agq_jax.aot` prints and what docs/launch.md's table is made of:
 the GRPO update, the log-prob pass (old-log-prob / KL reference), the resharding of the fp32 train weights
-into each host's rollout copy, and the sampler's prefill and decode at the per-host decode batch. Memory
+into the rollout copies, and the sampler's prefill and decode for one rollout group (a host, or the hosts
+one copy spans) at the per-host decode batch. Memory
 is per device: a program's peak (arguments + temporaries + outputs not aliased to donated inputs), and
 for the sampler also the train state that stays resident while it runs. Time is a roofline bound:
 max(FLOPs / peak, HBM bytes / bandwidth, collective bytes / ICI bandwidth); MFU = model FLOPs (6 x
@@ -71,10 +72,15 @@ def roofline(c: pr.Compiled, chip: chips_mod.Chip, model_flops: float) -> dict[s
                 flops_ratio=c.flops / model_flops if model_flops else 0.0)
 
 
-def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, pad_id: int = 0, sampling=None,
-                   programs: tuple[str, ...] = ("train", "logprobs", "reshard", "prefill", "decode"),
-                   log=print, hlo_dir: str | None = None) -> dict[str, Any]:
-    """Compile the run's programs on `mesh` (a slice's devices); see the module docstring."""
+def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert_shards: int = 0, pad_id: int = 0,
+                   sampling=None, programs: tuple[str, ...] = ("train", "logprobs", "reshard", "prefill", "decode"),
+                   log=print, cache_dir: str | None = None) -> dict[str, Any]:
+    """Compile the run's programs on `mesh` (a slice's devices); see the module docstring. The sampler's
+    programs compile on `gmesh`, one rollout group's mesh (by default the first group of `mesh`'s rollout
+    mesh; the AOT tool passes the same group built on a slice of the group's own shape, `chips.sub_topology`).
+    With `cache_dir`, each program's figures are cached under the key of its lowered module."""
+    import os
+
     from agq_jax.rollout import placement
     from agq_jax.rollout.sampler import SamplingParams
 
@@ -86,29 +92,36 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, pad_id: int = 0, s
     resident = _tree_bytes(state)
     n_dev = mesh.devices.size
     processes = len({d.process_index for d in mesh.devices.flat})
-    lmesh = placement.local_mesh(mesh, 0)  # raises when a host cannot hold whole tensor x expert groups
+    rmesh = placement.rollout_mesh(mesh, expert_shards)  # raises when a copy cannot be placed on whole hosts
+    hosts = placement.group_hosts(rmesh)
+    gmesh = placement.group_mesh(rmesh, 0) if gmesh is None else gmesh
+    if len({d.process_index for d in gmesh.devices.flat}) != hosts:
+        raise ValueError(f"group mesh {dict(gmesh.shape)} spans other hosts than a rollout group ({hosts})")
     host_rows = -(-shapes.rollout_rows // processes)
-    decode_batch = shapes.decode_batch or host_rows
-    groups = lmesh.shape["data"]
-    decode_batch = -(-decode_batch // groups) * groups
+    per_host = (shapes.decode_batch or host_rows)
+    multiple = max(1, math.prod(gmesh.shape[a] for a in shd.batch_axes(gmesh)) // hosts)
+    per_host = -(-per_host // multiple) * multiple
+    group_rows = per_host * hosts
     out: dict[str, Any] = dict(chip=chip.name, hbm_bytes=chip.hbm_bytes, devices=n_dev, processes=processes,
-                               mesh=dict(mesh.shape), local_mesh=dict(lmesh.shape), active_params=n_active,
-                               train_state_bytes=resident, host_rows=host_rows, decode_batch=decode_batch,
-                               decode_rounds=-(-host_rows // decode_batch), programs={})
+                               mesh=dict(mesh.shape), rollout_mesh=dict(rmesh.shape), group_mesh=dict(gmesh.shape),
+                               group_hosts=hosts, active_params=n_active, train_state_bytes=resident,
+                               host_rows=host_rows, decode_batch=per_host,
+                               decode_rounds=-(-host_rows // per_host), programs={})
 
-    def record(name, lowered, model_flops, extra_resident=0, note="", per=1):
-        log(f"  compiling {name} ...")
+    def record(name, lowered, on, model_flops, extra_resident=0, note="", per=1):
+        path = None
+        if cache_dir:
+            path = os.path.join(cache_dir, "programs", f"{name}-{pr.program_key(lowered, on.devices.flat)}.json")
+        log(f"  compiling {name} ..." if path is None or not os.path.isfile(path) else f"  {name}: cached")
         try:
-            c = pr.compile_and_measure(name, lowered, note=note,
-                                       hlo_path=None if hlo_dir is None else f"{hlo_dir}/{name}.hlo.txt.gz")
+            c = pr.compile_and_measure(name, lowered, note=note, cache_path=path)
             if per > 1:  # a loop whose bound is a static maximum (decode): figures per iteration
                 c = dataclasses.replace(c, flops=c.flops / per, hbm_bytes=c.hbm_bytes / per,
-                                        collective_bytes=c.collective_bytes / per,
+                                        collective_bytes=c.collective_bytes / per, analytic_flops=c.analytic_flops / per,
                                         collectives={k: v / per for k, v in c.collectives.items()})
-        except Exception as e:  # noqa: BLE001 - RESOURCE_EXHAUSTED and friends: reported, not raised
-            msg = str(e).splitlines()[0][:300]
-            log(f"  {name}: FAILED {msg}")
-            out["programs"][name] = dict(name=name, error=msg, fits=False)
+        except pr.CompileError as e:  # RESOURCE_EXHAUSTED and friends: reported, not raised
+            log(f"  {name}: FAILED {e}")
+            out["programs"][name] = dict(name=name, error=str(e), fits=False)
             return
         row = c.to_json()
         row["resident_bytes"] = extra_resident
@@ -122,31 +135,31 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, pad_id: int = 0, s
     tokens_train = shapes.mini_rows * shapes.seq / n_dev
     if "train" in programs:
         record("train", pr.lower_train_update(graphdef, state, mesh, loss, optim, mini_rows=shapes.mini_rows,
-                                              micro_rows=shapes.micro_rows, seq=shapes.seq),
+                                              micro_rows=shapes.micro_rows, seq=shapes.seq), mesh,
                6 * n_active * tokens_train)
     if "logprobs" in programs:
         record("logprobs", pr.lower_logprobs(graphdef, state, mesh, loss, optim, rows=shapes.micro_rows,
-                                             seq=shapes.seq),
+                                             seq=shapes.seq), mesh,
                2 * n_active * shapes.micro_rows * shapes.seq / n_dev, note="also the KL-reference pass")
     full = nnx.state(model)
-    full_abs = pr.with_shardings(full, shd.state_shardings(full, mesh))
     if "reshard" in programs:
-        fn = placement.reshard_fn(full, mesh, shapes.compute_dtype)
+        full_abs = pr.with_shardings(full, shd.state_shardings(full, mesh))
+        fn = placement.reshard_fn(full, mesh, rmesh, shapes.compute_dtype)
         with jax.set_mesh(mesh):
-            record("reshard", fn.lower(full_abs), 0.0, extra_resident=resident,
-                   note="fp32 train weights -> each host's bf16 rollout copy")
+            record("reshard", fn.lower(full_abs), mesh, 0.0, extra_resident=resident,
+                   note="fp32 train weights -> every rollout group's bf16 copy")
     compute = jnp.dtype(shapes.compute_dtype)
     rollout_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                                          sharding=s), full, shd.state_shardings(full, lmesh))
-    prefill, decode = pr.lower_sampler(model, rollout_state, lmesh, batch=decode_batch, max_len=shapes.seq,
+                                          sharding=s), full, placement.rollout_shardings(full, gmesh))
+    prefill, decode = pr.lower_sampler(model, rollout_state, gmesh, batch=group_rows, max_len=shapes.seq,
                                        chunk=shapes.chunk, pad_id=pad_id, params=sampling)
-    per_dev_rows = decode_batch / lmesh.devices.size
+    per_dev_rows = group_rows / gmesh.devices.size
     if "prefill" in programs:
-        record("prefill", prefill(), 2 * n_active * per_dev_rows * shapes.chunk, extra_resident=resident,
-               note=f"{shapes.chunk}-token chunk for {decode_batch} rows per host")
+        record("prefill", prefill(), gmesh, 2 * n_active * per_dev_rows * shapes.chunk, extra_resident=resident,
+               note=f"{shapes.chunk}-token chunk for {per_host} rows per host")
     if "decode" in programs:
-        record("decode", decode(), 2 * n_active * per_dev_rows, extra_resident=resident, per=shapes.seq,
+        record("decode", decode(), gmesh, 2 * n_active * per_dev_rows, extra_resident=resident, per=shapes.seq,
                note="per decode step (the loop runs at most max_len steps; counted at that bound, divided)")
     out["fits"] = all(p.get("fits", False) for p in out["programs"].values())
     return out

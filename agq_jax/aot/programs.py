@@ -37,6 +37,7 @@ class Compiled:
     collectives: dict
     xla_flops: float               # cost_analysis(): loop bodies counted once (for comparison)
     kernels_without_cost: dict     # custom calls whose flops are unknown
+    analytic_flops: float          # of `flops`: splash attention kernels, counted from their shapes
     compile_s: float
     note: str = ""
 
@@ -44,31 +45,89 @@ class Compiled:
         return dataclasses.asdict(self)
 
 
-def compile_and_measure(name: str, lowered, note: str = "", hlo_path=None) -> Compiled:
-    """Compile `lowered`; with `hlo_path`, keep its optimized HLO (gzip) so the accounting can be redone."""
+def _accounting_digest() -> str:
+    """The code that turns a compiled program into figures: a change to it invalidates cached figures."""
+    import hashlib
+    import pathlib
+
+    here = pathlib.Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("hlo.py", "programs.py"))).hexdigest()[:12]
+
+
+def program_key(lowered, devices, label: str = "") -> str:
+    """What a compile result depends on: the lowered module, the devices it is compiled for, the compiler and
+    the accounting code. Equal keys give equal figures, so a cache keyed by it is never stale."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tpu = version("libtpu")
+    except PackageNotFoundError:
+        tpu = "none"
+    devs = [(d.id, d.process_index, tuple(getattr(d, "coords", ()) or ()), d.device_kind) for d in devices]
+    blob = "\n".join([lowered.as_text(), repr(devs), label, jax.__version__, tpu, _accounting_digest()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class CompileError(RuntimeError):
+    """The compiler refused the program (RESOURCE_EXHAUSTED and friends); its first line, cached like figures."""
+
+
+def _save_json(path, data) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> Compiled:
+    """Compile `lowered`, or read its figures from `cache_path` (JSON, named by `program_key`); a fresh compile
+    is saved there with its optimized HLO beside it (gzip), so the accounting can be redone. A program the
+    compiler refuses raises CompileError (cached too: a refusal can take as long as a compile)."""
     import gzip
+    import json
+    import pathlib
     import time
 
+    path = pathlib.Path(cache_path) if cache_path is not None else None
+    if path is not None and path.is_file():
+        cached = json.loads(path.read_text())
+        if "error" in cached:
+            raise CompileError(cached["error"])
+        return Compiled(**dict(cached, name=name, note=note))
     t0 = time.time()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, reported by the caller
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if path is not None and ("RESOURCE_EXHAUSTED" in msg or "INTERNAL" in msg):  # deterministic refusals
+            _save_json(path, {"error": msg})
+        raise CompileError(msg) from e
     dt = time.time() - t0
-    if hlo_path is not None:
-        with gzip.open(hlo_path, "wt") as f:
-            f.write(compiled.as_text())
+    text = compiled.as_text()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    walk = hlo.analyze(compiled.as_text())
+    walk = hlo.analyze(text)
     alias = int(mem.alias_size_in_bytes)
     peak = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - alias)
-    return Compiled(name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
-                    temporaries=int(mem.temp_size_in_bytes), aliased=alias,
-                    generated_code=int(mem.generated_code_size_in_bytes), peak=peak, flops=walk.flops,
-                    hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
-                    collectives={k: float(v) for k, v in walk.collectives.items()},
-                    xla_flops=float(cost.get("flops", 0.0)), kernels_without_cost=dict(walk.custom_calls),
-                    compile_s=dt, note=note)
+    out = Compiled(name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
+                   temporaries=int(mem.temp_size_in_bytes), aliased=alias,
+                   generated_code=int(mem.generated_code_size_in_bytes), peak=peak, flops=walk.flops,
+                   hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
+                   collectives={k: float(v) for k, v in walk.collectives.items()},
+                   xla_flops=float(cost.get("flops", 0.0)), kernels_without_cost=dict(walk.custom_calls),
+                   analytic_flops=walk.analytic_flops, compile_s=dt, note=note)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path.with_suffix(".hlo.txt.gz"), "wt") as f:
+            f.write(text)
+        _save_json(path, out.to_json())
+    return out
 
 
 # ---- abstract state ---------------------------------------------------------------------------------
@@ -163,7 +222,8 @@ def _batch_arg(mesh, shape, dtype):
 
 def lower_sampler(model, rollout_state, mesh, *, batch: int, max_len: int, chunk: int, pad_id: int,
                   params) -> tuple[Callable, Callable]:
-    """(lower prefill, lower decode) of the run's Sampler for a `batch`-row rollout batch on `mesh`."""
+    """(lower prefill, lower decode) of the run's Sampler for a `batch`-row rollout batch on `mesh` (a rollout
+    group: `batch` is all its hosts' rows)."""
     from agq_jax.rollout.sampler import Sampler
 
     sampler = Sampler(model, mesh=mesh, pad_id=pad_id, chunk_size=chunk)
@@ -179,9 +239,9 @@ def lower_sampler(model, rollout_state, mesh, *, batch: int, max_len: int, chunk
     def decode():
         rng = jax.eval_shape(lambda: jax.random.key(0))
         active = _batch_arg(mesh, (batch,), jnp.bool_)
-        budget = _batch_arg(mesh, (batch,), jnp.int32)
+        budget = row_ids = _batch_arg(mesh, (batch,), jnp.int32)
         with jax.set_mesh(mesh):
-            return sampler._decode.lower(sampler.graphdef, rollout_state, cache, logits, rng, active, budget,
+            return sampler._decode.lower(sampler.graphdef, rollout_state, cache, logits, rng, active, budget, row_ids,
                                          jax.ShapeDtypeStruct((), jnp.int32), params=params, max_new=max_len, pad_id=pad_id)
 
     return prefill, decode

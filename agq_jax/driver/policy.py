@@ -1,8 +1,8 @@
 """The policy side of the driver: the sampler of the live model and its rollouts.
 
-Rollouts decode `rollout.decode_batch_size` episodes at a time (all of them with 0): a batch's KV cache is
-what bounds rollout memory at scale, so the compile-ahead tool sizes it per layout. Each batch's sampling
-noise is drawn with a row-offset key (rollout.multihost.row_offset_key), so an episode gets the same noise
+Rollouts decode `rollout.decode_batch_size` episodes per host at a time (all of them with 0): a batch's KV
+cache is what bounds rollout memory at scale, so the compile-ahead tool sizes it per layout. An episode's
+sampling noise follows its row in the whole batch (`Sampler.decode(row_ids=...)`), so it gets the same noise
 whatever the batching or the number of processes.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Policy:
         r = rc.rollout
         self.chunk_size = r.chunk_size
         self.decode_batch = r.decode_batch_size
+        self.expert_shards = r.expert_shards  # of each rollout copy on a multi-host mesh (rollout.placement)
         self.max_workers = r.max_workers
         self.stop_ids = ids.stop_ids if r.stop_on_tool_call else (ids.im_end,)
         self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=self.chunk_size)
@@ -57,7 +58,7 @@ class Policy:
         self._train_sampling = dict(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
         self._pool = None
         self._local = None  # (model, sampler, weights) of the multi-host path
-        self._local_mesh = False  # not built yet (None = one local device)
+        self._meshes = None  # (rollout mesh, this process's group mesh) of the multi-host path
 
     def sampling(self, *, greedy: bool = False, temperature: float | None = None):
         """The training sampling params (rl.temperature / top_p / top_k), greedy, or those at `temperature`."""
@@ -77,7 +78,8 @@ class Policy:
         return self._run(self.sampler, self.model, envs, params=params, rng=rng, group_ids=group_ids)
 
     def _run(self, sampler, model, envs, *, params, rng, group_ids, row0: int = 0):
-        """Episodes of `envs` in decode batches; `row0` is the first env's row in the whole batch (RNG)."""
+        """Episodes of `envs` in decode batches; `row0` is the first env's row in the whole batch (its noise).
+        On a group spanning hosts every process runs as many batches as the busiest (some maybe empty)."""
         import concurrent.futures as cf
 
         from agq_jax.driver.data import score_env
@@ -85,14 +87,16 @@ class Policy:
 
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=self.max_workers)
-        step = self.decode_batch or max(len(envs), 1)
+        step = self.decode_batch or int(sampler.lockstep_max([max(len(envs), 1)])[0])
+        rounds = int(sampler.lockstep_max([-(-len(envs) // step)])[0])
         episodes = []
-        for start in range(0, len(envs), step):
+        for start in range(0, rounds * step, step):
             stop = min(start + step, len(envs))
-            key = multihost.row_offset_key(rng, row0 + start)
+            if stop <= start and sampler.processes == 1:
+                break
             batch = run_rollouts(sampler, model, envs[start:stop], self.tok, params=params, config=self.rollout_cfg,
-                                 rng=key, group_ids=list(group_ids)[start:stop], score_fn=score_env,
-                                 executor=self._pool)
+                                 rng=rng, group_ids=list(group_ids)[start:stop], score_fn=score_env,
+                                 executor=self._pool, row0=row0 + start)
             episodes += batch.episodes
         return RolloutBatch(episodes, pad_id=self.ids.pad)
 
@@ -104,27 +108,26 @@ class Policy:
             raise ValueError(f"Policy.rollouts: {len(group_ids)} group_ids for {n} envs")
         bounds = multihost.row_bounds(n, jax.process_count())
         start, stop = bounds[jax.process_index()]
-        sampler, state = self._local_sampler()  # collective (weight replication): every process calls it
-        local = []
-        if stop > start:
-            local = self._run(sampler, state, envs[start:stop], params=params, rng=rng,
-                              group_ids=group_ids[start:stop], row0=start).episodes
+        sampler, state = self._local_sampler()  # collective (the rollout copies): every process calls it
+        local = self._run(sampler, state, envs[start:stop], params=params, rng=rng, group_ids=group_ids[start:stop],
+                          row0=start).episodes
         return RolloutBatch(multihost.gather_episodes(local, bounds), pad_id=self.ids.pad)
 
     def _local_sampler(self):
-        """(sampler on this process's devices, this host's rollout copy of the weights: compute dtype, split over
-        the host's tensor x expert chips; `rollout.placement`), re-made once per model version."""
+        """(sampler on this process's rollout group, its view of the group's rollout copy: compute dtype, split
+        over the copy's tensor x expert chips; `rollout.placement`), re-made once per model version."""
         from agq_jax.rollout import placement
 
         if self._local is None or self._local[0] is not self.model:
             if self.mesh is None:
                 raise ValueError("multi-process rollouts need the global mesh (config mesh.enabled)")
-            if self._local_mesh is False:
-                self._local_mesh = placement.local_mesh(self.mesh)
-            copy = placement.reshard(nnx.state(self.model), self.mesh, self.model.dtype)
-            state = placement.local_view(copy, self._local_mesh)
-            sampler = shared_sampler(self.model, mesh=self._local_mesh, pad_id=self.ids.pad,
-                                     chunk_size=self.chunk_size)
+            if self._meshes is None:
+                rmesh = placement.rollout_mesh(self.mesh, self.expert_shards)
+                self._meshes = (rmesh, placement.group_mesh(rmesh))
+            rmesh, gmesh = self._meshes
+            copy = placement.reshard(nnx.state(self.model), self.mesh, rmesh, self.model.dtype)
+            state = placement.local_view(copy, gmesh)
+            sampler = shared_sampler(self.model, mesh=gmesh, pad_id=self.ids.pad, chunk_size=self.chunk_size)
             self._local = (self.model, sampler, state)
         return self._local[1], self._local[2]
 

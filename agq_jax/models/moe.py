@@ -179,10 +179,14 @@ def _gmm_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
 
 
 def _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, *, num_experts: int, expert_axis, reduce_axes,
-                            interpret: bool):
-    """One device's part of `experts_megablox`: its tokens, its experts [E_local, ...] and FFN slice."""
+                            gather_axis, interpret: bool):
+    """One device's part of `experts_megablox`: its tokens, its experts [E_local, ...] and FFN slice. With
+    `gather_axis` (the tokens are split over the expert axis too) the expert group's tokens are gathered first
+    and each device keeps its own rows of the summed output."""
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
+    if gather_axis is not None:
+        x, top_i, top_w = (jax.lax.all_gather(a, gather_axis, tiled=True) for a in (x, top_i, top_w))
     n, k = top_i.shape
     flat_e = top_i.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
@@ -207,6 +211,9 @@ def _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, *, num_expert
     out = gmm(jax.nn.silu(gate) * up, w_down)[:m]
     out = out.at[jnp.argsort(order)].get(mode="promise_in_bounds", unique_indices=True).reshape(n, k, -1)
     y = jnp.sum(out * top_w[..., None].astype(out.dtype), axis=1)
+    if gather_axis is not None:
+        y = jax.lax.psum_scatter(y, gather_axis, scatter_dimension=0, tiled=True)
+        reduce_axes = tuple(a for a in reduce_axes if a != gather_axis)
     return jax.lax.psum(y, reduce_axes) if reduce_axes else y
 
 
@@ -220,6 +227,8 @@ def experts_megablox(x, top_i, top_w, w_gate, w_up, w_down, batch_rows: int | No
     (`batch_rows` rows of x form one sequence each, x is [batch_rows * T, H]), each device holds its expert
     shard (group_offset) whole over fsdp and sliced over tensor on the FFN dim, and the partial outputs are
     summed over tensor / expert after the weighted combine ([tokens, H], k times smaller than the pairs).
+    When the batch is split over the expert axis as well (expert parallelism, `sharding.DEFAULT_RULES`), the
+    expert group's tokens are all-gathered before the dispatch and the sum is a reduce-scatter back to them.
     Off TPU the kernels run in Pallas interpret mode (tests)."""
     num_experts = w_gate.shape[0]
     dt = x.dtype
@@ -228,7 +237,7 @@ def experts_megablox(x, top_i, top_w, w_gate, w_up, w_down, batch_rows: int | No
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return _experts_megablox_local(x, top_i, top_w, w_gate, w_up, w_down, num_experts=num_experts,
-                                       expert_axis=None, reduce_axes=(), interpret=interpret)
+                                       expert_axis=None, reduce_axes=(), gather_axis=None, interpret=interpret)
     rows = batch_rows or x.shape[0]
     batch_spec = logical_to_pspec(("batch",), (rows,), mesh)[0]
     ffn = logical_to_pspec(("expert", None, "moe_mlp"), w_gate.shape, mesh)
@@ -239,8 +248,10 @@ def experts_megablox(x, top_i, top_w, w_gate, w_up, w_down, batch_rows: int | No
                         for a in ((spec,) if isinstance(spec, str) else spec))
     if isinstance(expert_ax, tuple):
         raise ValueError(f"experts sharded over several mesh axes {expert_ax}: one expert axis expected")
+    batch_axes = (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec or ())
+    gather = expert_ax if expert_ax is not None and expert_ax in batch_axes else None
     local = functools.partial(_experts_megablox_local, num_experts=num_experts, expert_axis=expert_ax,
-                              reduce_axes=reduce_axes, interpret=interpret)
+                              reduce_axes=reduce_axes, gather_axis=gather, interpret=interpret)
     return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
                          check_vma=False)(x, top_i, top_w, w_gate, w_up, w_down)
 

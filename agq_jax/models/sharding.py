@@ -32,8 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("router", None),
     ("norm", None),
-    # activations and KV cache
-    ("batch", ("data", "fsdp")),
+    # activations and KV cache: the batch is split over `expert` too (expert parallelism: attention runs on
+    # each expert shard's own rows, the MoE block gathers the tokens of its expert group; models/moe.py)
+    ("batch", ("data", "fsdp", "expert")),
     ("seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -124,6 +125,16 @@ def logical_to_pspec(logical: Sequence[str | None], shape: Sequence[int], mesh: 
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return P(*spec)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes (size > 1) the "batch" rule splits rows over, outermost first: a batch whose size is a
+    multiple of their product is split over all of them."""
+    if mesh is None:
+        return ()
+    axes = dict(DEFAULT_RULES)["batch"]
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return tuple(a for a in axes if sizes.get(a, 1) > 1)
 
 
 def target_platform() -> str:

@@ -229,24 +229,28 @@ def _reply_text(tok, sampled: list[int], closing: tuple[int, ...]) -> str:
 def run_rollouts(sampler: Sampler, model, envs: Sequence[StepEnv], tokenizer, *, params: SamplingParams,
                  config: RolloutConfig = RolloutConfig(), rng: jax.Array, group_ids: Sequence[int] | None = None,
                  score_fn: Callable[[Any], tuple[float, dict, dict]] | None = default_score,
-                 executor: cf.Executor | None = None) -> RolloutBatch:
-    """Run one episode per env (fresh, not yet reset) to the end; returns them scored, in env order."""
-    if not envs:
+                 executor: cf.Executor | None = None, row0: int = 0) -> RolloutBatch:
+    """Run one episode per env (fresh, not yet reset) to the end; returns them scored, in env order.
+
+    `row0`: the first env's row in the whole rollout batch (env i samples with the noise of row row0 + i).
+    On a sampler whose mesh spans processes every process of it calls this together with its own envs
+    (possibly none): the turns run until no process has a live row."""
+    if not envs and sampler.processes == 1:
         raise ValueError("run_rollouts: no envs")
     n = len(envs)
     group_ids = list(range(n)) if group_ids is None else list(group_ids)
     if len(group_ids) != n:
         raise ValueError(f"run_rollouts: {len(group_ids)} group_ids for {n} envs")
     own_pool = executor is None
-    pool = executor or cf.ThreadPoolExecutor(max_workers=min(config.max_workers, n))
+    pool = executor or cf.ThreadPoolExecutor(max_workers=max(1, min(config.max_workers, n)))
     try:
-        return _run(sampler, model, list(envs), tokenizer, params, config, rng, group_ids, score_fn, pool)
+        return _run(sampler, model, list(envs), tokenizer, params, config, rng, group_ids, score_fn, pool, row0)
     finally:
         if own_pool:
             pool.shutdown(wait=True)
 
 
-def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, pool) -> RolloutBatch:
+def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, pool, row0) -> RolloutBatch:
     from agq_jax.envs.runtime import Termination
 
     n = len(envs)
@@ -268,8 +272,9 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
     batch = sampler.padded_batch(n)
     per_turn = min(config.max_new_tokens_per_turn or config.max_len, config.max_len)
     cache = sampler.init_cache(batch, config.max_len)
+    row_ids = row0 + np.arange(batch, dtype=np.int32)
     logits = None
-    while any(r.alive for r in rows):
+    while sampler.lockstep_max([any(r.alive for r in rows)])[0]:
         rng, turn_rng = jax.random.split(rng)
         chunks = [r.pending if r.alive else [] for r in rows] + [[]] * (batch - n)
         cache, logits = sampler.append(state, cache, chunks, logits)
@@ -277,10 +282,10 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
         budget = np.array([min(per_turn, r.limit - len(r.ids)) if r.alive else 0 for r in rows]
                           + [0] * (batch - n), np.int32)
         out = sampler.decode(state, cache, logits, turn_rng, params=params, max_new_tokens=per_turn,
-                             max_len=config.max_len, active=active, row_budget=budget)
+                             max_len=config.max_len, active=active, row_budget=budget, row_ids=row_ids)
         cache, logits = out.cache, out.logits
-        toks, lps, slps, num, reason = (np.asarray(a) for a in jax.device_get(
-            (out.tokens, out.logprobs, out.sample_logprobs, out.num_tokens, out.finish_reason)))
+        toks, lps, slps, num, reason = sampler.to_host(out.tokens, out.logprobs, out.sample_logprobs, out.num_tokens,
+                                                       out.finish_reason)
 
         stepping = []  # (row index, reply text, num tokens, truncated)
         for i, r in enumerate(rows):

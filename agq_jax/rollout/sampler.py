@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -109,8 +110,61 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n), axis=-1), n - 1)
 
 
-def sample_from_logits(logits: jax.Array, rng: jax.Array, params: SamplingParams):
-    """Sample one token per row. Returns (token [B] int32, raw logprob [B], sampling logprob [B])."""
+def _mul_wide(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(high, low) uint32 words of the 64-bit product of uint32 `a` and `b` (16-bit limbs: no uint64 needed)."""
+    m16 = jnp.uint32(0xFFFF)
+    a0, a1, b0, b1 = a & m16, a >> 16, b & m16, b >> 16
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p00 >> 16) + (p01 & m16) + (p10 & m16)
+    return p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16), (p00 & m16) | (mid << 16)
+
+
+def _row_bits(key, bit_width, shape):
+    """Threefry bits of one row of a [rows, *shape] draw: key data (k0, k1, row). Element j gets the counter
+    row * size + j, what JAX's partitionable threefry gives element (row, j) of the whole draw."""
+    from jax.extend.random import threefry2x32_p
+
+    if bit_width not in (8, 16, 32):
+        raise TypeError(f"row noise: bit width {bit_width} not in 8/16/32")
+    size = math.prod(shape)
+    hi0, lo0 = _mul_wide(key[2], jnp.uint32(size))
+    lo = jax.lax.iota(jnp.uint32, size).reshape(shape) + lo0  # wraps mod 2**32: carry into the high word
+    hi = jnp.broadcast_to(hi0 + (lo < lo0).astype(jnp.uint32), shape)
+    b1, b2 = threefry2x32_p.bind(key[0], key[1], hi, lo)
+    bits = b1 ^ b2
+    return bits if bit_width == 32 else bits.astype(jnp.uint16 if bit_width == 16 else jnp.uint8)
+
+
+def _unsupported(*_, **__):
+    raise NotImplementedError("row keys only draw bits (seed / split / fold_in the plain threefry key)")
+
+
+_ROW_IMPL = None
+
+
+def row_noise(rng: jax.Array, row_ids: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Gumbel noise [B, W] whose row b is row `row_ids[b]` of `jax.random.gumbel(rng, (R, W))` for any R:
+    an episode's noise depends on its row in the whole rollout batch, not on how rows are split into decode
+    batches or over processes (multi-host rollouts equal one process; `Policy.rollouts`)."""
+    global _ROW_IMPL
+    if _ROW_IMPL is None:
+        from jax.extend.random import define_prng_impl
+
+        _ROW_IMPL = define_prng_impl(key_shape=(3,), seed=_unsupported, split=_unsupported, random_bits=_row_bits,
+                                     fold_in=_unsupported, name="threefry2x32_row", tag="fry_row")
+    if not jax.config.jax_threefry_partitionable:
+        raise RuntimeError("per-row sampling noise needs jax_threefry_partitionable=True (JAX's default)")
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jnp.asarray(rng, jnp.uint32)
+    if data.shape != (2,):
+        raise ValueError(f"row_noise: expected one threefry2x32 key (key data (2,)), got {data.shape}")
+    keys = jnp.concatenate([jnp.broadcast_to(data, (shape[0], 2)), row_ids.astype(jnp.uint32)[:, None]], axis=1)
+    keys = jax.random.wrap_key_data(keys, impl=_ROW_IMPL)
+    return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], dtype))(keys)
+
+
+def sample_from_logits(logits: jax.Array, rng: jax.Array, params: SamplingParams, row_ids: jax.Array | None = None):
+    """Sample one token per row. Returns (token [B] int32, raw logprob [B], sampling logprob [B]).
+    `row_ids` [B]: each row's index in the whole rollout batch (its noise, `row_noise`); default 0..B-1."""
     logits = logits.astype(jnp.float32)
     raw_logp = jax.nn.log_softmax(logits, axis=-1)
     if params.greedy:
@@ -118,7 +172,9 @@ def sample_from_logits(logits: jax.Array, rng: jax.Array, params: SamplingParams
         lp = jnp.take_along_axis(raw_logp, tok[:, None], axis=-1)[:, 0]
         return tok, lp, jnp.zeros_like(lp)
     cand, idx = _filtered_candidates(logits, params)
-    j = first_argmax(cand + jax.random.gumbel(rng, cand.shape, cand.dtype))  # = jax.random.categorical(rng, cand)
+    if row_ids is None:
+        row_ids = jnp.arange(cand.shape[0], dtype=jnp.int32)
+    j = first_argmax(cand + row_noise(rng, row_ids, cand.shape, cand.dtype))  # = jax.random.categorical(rng, cand)
     samp_lp = jnp.take_along_axis(jax.nn.log_softmax(cand, axis=-1), j[:, None], axis=-1)[:, 0]
     tok = j if idx is None else jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
     tok = tok.astype(jnp.int32)
@@ -152,7 +208,7 @@ def _prefill(graphdef, state, cache, ids, mask, prev_logits):
     return cache, jnp.where(mask.any(-1)[:, None], logits, prev_logits)  # empty rows keep their logits
 
 
-def _decode(graphdef, state, cache, logits, rng, active, row_budget, capacity, *, params, max_new, pad_id):
+def _decode(graphdef, state, cache, logits, rng, active, row_budget, row_ids, capacity, *, params, max_new, pad_id):
     model = _merge(graphdef, state)
     batch = logits.shape[0]
     stop_ids = jnp.asarray(params.stop_ids if params.stop_ids else (-1,), jnp.int32)
@@ -177,7 +233,7 @@ def _decode(graphdef, state, cache, logits, rng, active, row_budget, capacity, *
     def body(c):
         rng, sub = jax.random.split(c["rng"])
         live = ~c["done"]
-        tok, lp, slp = sample_from_logits(c["logits"], sub, params)
+        tok, lp, slp = sample_from_logits(c["logits"], sub, params, row_ids)
         tok = jnp.where(live, tok, pad_id)
         col = (0, c["step"])
         tokens = jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], col)
@@ -213,19 +269,17 @@ def bucket_length(n: int, minimum: int = 16, multiple: int = 256) -> int:
     return -(-n // multiple) * multiple
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes the batch dimension is sharded over (the data-parallel ones with size > 1)."""
-    if mesh is None:
-        return ()
-    return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
 class Sampler:
     """Batched prefill/decode over a KV cache for one model architecture (its `nnx` graphdef).
 
     Pass the live model (or its `nnx.state`) to each call: weights are arguments, so a train step's new
     weights never trigger a recompile. With `mesh`, the batch dimension of every input and of the cache
-    is sharded over the mesh's data/fsdp axes (the batch must be divisible by their product).
+    is sharded over the mesh's batch axes (`sharding.batch_axes`; the batch must be divisible by their product).
+
+    A mesh over several processes (a rollout group spanning hosts, `rollout.placement`): every call takes and
+    returns *this process's rows* (the global batch is the processes' rows in process order, each on its own
+    chips), the processes call the same programs in lockstep, and `lockstep_max` is how they agree on the
+    host-side loop bounds (turns, prefill chunks).
 
     Token budget vs cache size: a cache for `max_len` tokens is allocated with `chunk_size` extra slots,
     so a padded prefill chunk never runs past the end of the buffer; decoding stops at `max_len`.
@@ -247,6 +301,8 @@ class Sampler:
         self._prefill = jax.jit(_prefill, static_argnums=(0,), donate_argnums=(2,))
         self._decode = jax.jit(_decode, static_argnums=(0,), static_argnames=("params", "max_new", "pad_id"),
                                donate_argnums=(2,))
+        self.processes = len({d.process_index for d in mesh.devices.flat}) if mesh is not None else 1
+        self._lockstep = None  # the jitted max over the processes of a multi-process mesh
         from agq_jax.models import qwen3
 
         self._split = qwen3.split_weights_for_inference() and hasattr(self.cfg, "num_hidden_layers")
@@ -274,35 +330,85 @@ class Sampler:
 
     @property
     def batch_multiple(self) -> int:
-        """The batch size must be a multiple of this (product of the data-parallel mesh axes)."""
-        return int(np.prod([self.mesh.shape[a] for a in batch_axes(self.mesh)])) if self.mesh is not None else 1
+        """This process's row count must be a multiple of this (the batch axes' shards on its chips)."""
+        if self.mesh is None:
+            return 1
+        from agq_jax.models import sharding
+
+        shards = int(np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.mesh)]))
+        if shards % self.processes:
+            raise ValueError(f"Sampler: {shards} batch shards cannot be split evenly over {self.processes} processes "
+                             f"(mesh {dict(self.mesh.shape)}): rows must be split over the axis that spans hosts")
+        return shards // self.processes
 
     def padded_batch(self, n: int) -> int:
-        return -(-n // self.batch_multiple) * self.batch_multiple
+        """Rows this process passes for its `n` episodes: a batch multiple, the same on every process of the mesh."""
+        n = int(self.lockstep_max([n])[0])
+        return max(-(-n // self.batch_multiple), 1) * self.batch_multiple
+
+    def lockstep_max(self, values) -> np.ndarray:
+        """The elementwise maximum of `values` (ints) over the mesh's processes: what they agree on before a
+        program they run together (one process: `values` itself)."""
+        values = np.asarray(values, np.int32).reshape(-1)
+        if self.processes == 1:
+            return values
+        if self._lockstep is None:
+            from jax.sharding import Mesh, PartitionSpec as P
+
+            devices = sorted(self.mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+            procs = Mesh(np.array(devices, dtype=object).reshape(self.processes, -1), ("p", "c"))
+            self._lockstep = (jax.sharding.NamedSharding(procs, P("p")),
+                              jax.jit(lambda x: x.max(0), out_shardings=jax.sharding.NamedSharding(procs, P())))
+        sharding, reduce = self._lockstep
+        per_chip = np.broadcast_to(values, (self.mesh.devices.size // self.processes, values.size))
+        out = reduce(jax.make_array_from_process_local_data(sharding, per_chip[:1]))
+        return np.asarray(out.addressable_data(0))
 
     def _shard_batch(self, x, batch_dim: int = 0):
-        """Place a host/device array with its batch dim over the mesh's data-parallel axes."""
+        """Place this process's rows (host or device array) with the batch dim over the mesh's batch axes."""
         if self.mesh is None:
             return jnp.asarray(x)
         from agq_jax.models import sharding
 
-        logical = [None] * np.ndim(x)
+        shape = list(np.shape(x))
+        shape[batch_dim] *= self.processes
+        logical = [None] * len(shape)
         logical[batch_dim] = "batch"
-        spec = sharding.logical_to_pspec(logical, np.shape(x), self.mesh)
-        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+        target = jax.sharding.NamedSharding(self.mesh, sharding.logical_to_pspec(logical, shape, self.mesh))
+        if self.processes == 1:
+            return jax.device_put(x, target)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_equivalent_to(target, x.ndim):
+                raise ValueError(f"Sampler: a global array sharded {x.sharding} where {target} was expected")
+            return x
+        return jax.make_array_from_process_local_data(target, np.asarray(x), tuple(shape))
+
+    def to_host(self, *arrays) -> tuple[np.ndarray, ...]:
+        """This process's rows of batch-sharded results, as numpy (all rows on a one-process mesh)."""
+        if self.processes == 1:
+            return tuple(np.asarray(a) for a in jax.device_get(arrays))
+        from jax.experimental import multihost_utils
+
+        out = []
+        for a in arrays:
+            local = multihost_utils.global_array_to_host_local_array(a, self.mesh, a.sharding.spec)
+            out.append(np.asarray(jax.device_get(local)))
+        return tuple(out)
 
     def _mesh_ctx(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def init_cache(self, batch: int, max_len: int):
-        """A fresh cache holding `max_len` tokens per row (+ `chunk_size` slack), batch-sharded under the mesh."""
+        """A fresh cache holding `max_len` tokens for this process's `batch` rows (+ `chunk_size` slack),
+        batch-sharded under the mesh."""
         from agq_jax.models import qwen3
 
         if batch % self.batch_multiple:
             raise ValueError(f"Sampler.init_cache: batch {batch} not divisible by the data-parallel size "
                              f"{self.batch_multiple}")
-        cache = qwen3.init_cache(self.cfg, batch, int(max_len) + self.chunk_size, self.cache_dtype, mesh=self.mesh)
-        return cache._replace(lengths=self._shard_batch(cache.lengths))
+        cache = qwen3.init_cache(self.cfg, batch * self.processes, int(max_len) + self.chunk_size, self.cache_dtype,
+                                 mesh=self.mesh)
+        return cache._replace(lengths=self._shard_batch(np.zeros((batch,), np.int32)))
 
     # ---- device calls --------------------------------------------------------------------------------
     def prefill(self, model, cache, ids, mask, prev_logits=None):
@@ -319,7 +425,7 @@ class Sampler:
             raise ValueError(f"Sampler.prefill: chunk of {ids.shape[1]} tokens > chunk_size {self.chunk_size}; "
                              "use append()")
         if prev_logits is None:
-            prev_logits = jnp.zeros((ids.shape[0], self.cfg.vocab_size), jnp.float32)
+            prev_logits = np.zeros((ids.shape[0], self.cfg.vocab_size), np.float32)
         with self._mesh_ctx():
             return self._prefill(self.graphdef, self._state(model), cache, self._shard_batch(ids),
                                  self._shard_batch(mask), self._shard_batch(prev_logits))
@@ -332,9 +438,9 @@ class Sampler:
         """
         state = self._state(model)
         batch = len(rows)
-        longest = max((len(r) for r in rows), default=0)
+        longest = int(self.lockstep_max([max((len(r) for r in rows), default=0)])[0])
         if logits is None:
-            logits = jnp.zeros((batch, self.cfg.vocab_size), jnp.float32)
+            logits = np.zeros((batch, self.cfg.vocab_size), np.float32)
         for start in range(0, longest, self.chunk_size):
             width = min(self.chunk_size, bucket_length(longest - start, multiple=self.chunk_size))
             ids = np.full((batch, width), self.pad_id, np.int32)
@@ -347,21 +453,23 @@ class Sampler:
         return cache, logits
 
     def decode(self, model, cache, logits, rng, *, params: SamplingParams, max_new_tokens: int,
-               max_len: int | None = None, active=None, row_budget=None) -> DecodeOutput:
+               max_len: int | None = None, active=None, row_budget=None, row_ids=None) -> DecodeOutput:
         """Sample up to `max_new_tokens` per row starting from `logits`, appending to `cache` (donated).
 
         A row stops at a stop id, at `row_budget[b]` tokens (default max_new_tokens), or when its cache
         holds `max_len` tokens (default: the physical size minus slack). `active [B]` picks the rows to
-        decode (others emit nothing).
+        decode (others emit nothing). `row_ids [B]`: each row's index in the whole rollout batch, which picks
+        its sampling noise (`row_noise`; default 0..B-1).
         """
-        batch = logits.shape[0]
+        batch = logits.shape[0] // self.processes
         capacity = (cache.max_len - self.chunk_size) if max_len is None else int(max_len)
         active = np.ones((batch,), bool) if active is None else np.asarray(active, bool)
         budget = np.full((batch,), max_new_tokens, np.int32) if row_budget is None else np.asarray(row_budget, np.int32)
+        row_ids = np.arange(batch, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
         with self._mesh_ctx():
             return self._decode(self.graphdef, self._state(model), cache, logits, rng, self._shard_batch(active),
-                                self._shard_batch(budget), jnp.int32(capacity), params=params,
-                                max_new=int(max_new_tokens), pad_id=self.pad_id)
+                                self._shard_batch(budget), self._shard_batch(row_ids), jnp.int32(capacity),
+                                params=params, max_new=int(max_new_tokens), pad_id=self.pad_id)
 
     def generate(self, model, prompts: Sequence[Sequence[int]], *, params: SamplingParams, max_new_tokens: int,
                  rng: jax.Array, max_len: int | None = None) -> GenerateResult:
@@ -379,6 +487,6 @@ class Sampler:
         cache, logits = self.append(state, self.init_cache(batch, max_len), rows)
         out = self.decode(state, cache, logits, rng, params=params, max_new_tokens=max_new_tokens, max_len=max_len,
                           active=np.arange(batch) < n)
-        host = jax.device_get((out.tokens, out.logprobs, out.sample_logprobs, out.num_tokens, out.finish_reason))
-        toks, lps, slps, num, reason = (np.asarray(a)[:n] for a in host)
+        host = self.to_host(out.tokens, out.logprobs, out.sample_logprobs, out.num_tokens, out.finish_reason)
+        toks, lps, slps, num, reason = (a[:n] for a in host)
         return GenerateResult(toks, lps, slps, num, [FINISH_REASONS[int(r)] for r in reason])

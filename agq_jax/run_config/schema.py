@@ -248,7 +248,9 @@ class RolloutSection(Section):
     max_len: int = 12288                 # tokens per episode (prompt + replies + env turns): the KV cache size
     max_new_tokens_per_turn: int = 0     # 0 = the rest of the budget
     max_response_tokens: int = 0         # tokens after the prompt (replies + env turns); past it: overlong. 0 = max_len
-    decode_batch_size: int = 0           # episodes decoded together (the rest wait for the next batch); 0 = all
+    decode_batch_size: int = 0           # episodes one host decodes together (the rest wait for the next batch); 0 = all
+    expert_shards: int = 0               # multi-host: expert shards of each bf16 rollout copy (0 = mesh.expert); tensor
+                                         # x this many chips hold a copy, spanning hosts past one host's chips
     enable_thinking: bool = True         # the chat template's thinking mode for the policy
     max_workers: int = 32                # concurrent environment steps (teachers may be HTTP)
     stop_on_tool_call: bool = True       # a reply also ends at </tool_call> (the env suffix adds <|im_end|>)
@@ -257,7 +259,8 @@ class RolloutSection(Section):
 
     def __post_init__(self):
         _positive("rollout.max_len", self.max_len)
-        for name in ("max_new_tokens_per_turn", "max_response_tokens", "decode_batch_size", "train_pad_multiple"):
+        for name in ("max_new_tokens_per_turn", "max_response_tokens", "decode_batch_size", "expert_shards",
+                     "train_pad_multiple"):
             _positive(f"rollout.{name}", getattr(self, name), zero_ok=True)
         if self.max_response_tokens >= self.max_len:
             raise ValueError(f"config rollout.max_response_tokens={self.max_response_tokens} leaves no room for a "
