@@ -9,8 +9,8 @@ hold it with room for rollouts; GPU layouts start at two H100 nodes or one 8xH20
 
 Layouts shard the experts' hidden dim over `fsdp` and their FFN dim over `tensor` (Megatron-style, no
 duplicated compute). `v5p-64-ep` adds an `expert` mesh axis (2 shards of 64 whole experts), so expert
-weights are gathered over fsdp only; with the current logical rules the token batch is not split over
-`expert`, so attention and the router repeat on that axis (docs/launch.md, "Choosing a mesh").
+weights are gathered over fsdp only, and rows are split over fsdp x expert (16 shards: micro-batches of 16
+rows); the MoE block gathers an expert pair's tokens (docs/launch.md, "Choosing a mesh").
 """
 from agq_jax.run_config import sibling
 
@@ -29,7 +29,7 @@ MESH_LAYOUTS = {
                      decode_batch_size=64, topology="v5p:2x2x4",
                      note="16 chips / 4 hosts; ~31 GB of training state per chip"),
     # tensor x expert = 4 = one host's chips, so a host can hold its rollout copy (4 x 2 would span two hosts)
-    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=2, expert=2), micro_batch_rows=8,
+    "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=2, expert=2), micro_batch_rows=16,
                         decode_batch_size=64, topology="v5p:2x4x4",
                         note="expert parallel: 64 experts per expert shard, tensor=2 x expert=2 inside a host"),
     "v6e-64": Layout("tpu-v6e", 64, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=16,

@@ -1,6 +1,7 @@
 """Compile a config's TPU programs from a CPU host and check that they fit the slice.
 
     JAX_PLATFORMS=cpu .venv-tpu/bin/python -m agq_jax.aot --config=configs/30b_a3b.py:v5p-64 [--config.F=V ...]
+    ... -m agq_jax.aot --config=configs/8b.py:v6e-32 --fit_decode_batch     # the largest rollout batch that fits
     make aot                                   # every TPU layout of the shipped configs
 
 Needs libtpu (`make aot` builds .venv-tpu: .venv plus libtpu). The slice's devices come from
@@ -55,6 +56,38 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def fit_decode_batch(spec: str, overrides=(), cache_dir: str = "", log=print) -> tuple[int, list[dict]]:
+    """The largest per-host decode batch whose prefill and decode fit with the train state resident: from the
+    config's `rollout.decode_batch_size` (all of a host's rows when 0), doubling while it fits (up to all of
+    a host's rows), halving while it does not. Returns (that batch or 0 when none fits, the results tried)."""
+    from agq_jax.run_config import load
+
+    def at(n):
+        r = run(spec, [*overrides, f"--config.rollout.decode_batch_size={n}"], ("prefill", "decode"), cache_dir,
+                log=log)
+        tried.append(r)
+        log(f"decode batch {r['decode_batch']} per host: " + ", ".join(
+            f"{k} {p['total_bytes'] / GiB:.1f} GiB" if "error" not in p else f"{k} does not compile"
+            for k, p in r["programs"].items()) + ("" if r["fits"] else "  (does not fit)"))
+        return r
+
+    tried: list[dict] = []
+    r = at(load(spec, overrides).rollout.decode_batch_size)
+    n, best = r["decode_batch"], r["decode_batch"] if r["fits"] else 0
+    if r["fits"]:
+        while n < r["host_rows"]:
+            n = min(2 * n, r["host_rows"])
+            if not at(n)["fits"]:
+                break
+            best = tried[-1]["decode_batch"]
+    else:
+        while n > 1 and not best:
+            n //= 2
+            if at(n)["fits"]:
+                best = tried[-1]["decode_batch"]
+    return best, tried
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -63,11 +96,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cache_dir", default="runs/aot", help="cached figures (JSON); '' disables the cache")
     ap.add_argument("--json_out", default="", help="also write the figures to this file")
     ap.add_argument("--programs", default="train,logprobs,reshard,prefill,decode")
+    ap.add_argument("--fit_decode_batch", action="store_true",
+                    help="search the largest per-host rollout.decode_batch_size whose prefill and decode fit")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         ap.error(f"unknown arguments {bad}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.fit_decode_batch:
+        best, tried = fit_decode_batch(args.config, overrides, args.cache_dir,
+                                       log=lambda m: print(m, file=sys.stderr, flush=True))
+        for r in tried:
+            print(format_result(r), flush=True)
+        print(f"largest decode batch that fits: {best} rows per host (of {tried[0]['host_rows']})", flush=True)
+        return 0 if best else 1
     result = run(args.config, overrides, tuple(args.programs.split(",")), args.cache_dir,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_result(result), flush=True)

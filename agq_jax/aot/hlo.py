@@ -208,14 +208,39 @@ def _conv_flops(ins: _Instr, table: dict[str, str]) -> float:
     return 2.0 * math.prod(out[1]) / max(out_positions, 1) * in_feat * pairs
 
 
-def _custom_call_cost(ins: _Instr) -> tuple[float, float] | None:
-    """(flops, bytes) a Pallas / Mosaic TPU kernel declares in its backend config (cost_estimate), if any."""
+def _custom_call_cost(ins: _Instr, table: dict[str, str] | None = None) -> tuple[float, float] | None:
+    """(flops, bytes) a Pallas / Mosaic TPU kernel declares in its backend config (cost_estimate), if any; for
+    megablox scaled to the device's own experts (`_megablox_share`)."""
     m = re.search(r'"cost_estimate":\{([^}]*)\}', ins.attrs)
     if not m:
         return None
     fl = re.search(r'"flops":"?(\d+)', m.group(1))
     by = re.search(r'"bytes_accessed":"?(\d+)', m.group(1))
-    return float(fl.group(1)) if fl else 0.0, float(by.group(1)) if by else 0.0
+    flops, nbytes = float(fl.group(1)) if fl else 0.0, float(by.group(1)) if by else 0.0
+    share = _megablox_share(ins, table) if table is not None else None
+    if share is not None:
+        local, weights = share
+        flops, nbytes = flops * local, max(nbytes * local, weights)
+    return flops, nbytes
+
+
+def _megablox_share(ins: _Instr, table: dict[str, str]) -> tuple[float, float] | None:
+    """(share of the routed rows a device's experts get, bytes of its expert weights) of a megablox `gmm` /
+    `tgmm` call on an expert shard (group_offset: it holds G_local of the G experts). The kernel's declared
+    cost covers every row of the sorted buffer, but it only visits the tiles of its own groups: G_local / G
+    of the rows on average (uniform routing), reading its weights at least once."""
+    if not (ins.name.startswith("gmm") or ins.name.startswith("tgmm")):
+        return None
+    shapes = [_first_shape(table.get(o, "")) for o in ins.operands]
+    offsets = [sh for sh in shapes if sh and sh[0] == "s32" and len(sh[1]) == 1 and sh[1][0] > 1]
+    weights = [sh for sh in ([_first_shape(ins.result)] if ins.name.startswith("tgmm") else shapes)
+               if sh and len(sh[1]) == 3]
+    if not offsets or not weights:
+        return None
+    groups, local = offsets[0][1][0] - 1, weights[-1][1][0]
+    if not 0 < local < groups:
+        return None
+    return local / groups, math.prod(weights[-1][1]) * _DTYPE_BYTES[weights[-1][0]]
 
 
 # Splash attention (Pallas, models/attention.py) gives no cost estimate. Its kernels are named by what they
@@ -360,7 +385,7 @@ def analyze(hlo_text: str) -> Cost:
             cost.collective_bytes += moved
             cost.collectives[base] = cost.collectives.get(base, 0.0) + moved
         elif op == "custom-call":
-            est = _custom_call_cost(ins)
+            est = _custom_call_cost(ins, table)
             target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
             tname = target.group(1) if target else "?"
             splash = _splash_cost(ins, table) if est is None else None
@@ -411,7 +436,7 @@ def analyze(hlo_text: str) -> Cost:
                 continue
             if op in _FREE:
                 continue
-            est = _custom_call_cost(ins) if op == "custom-call" else None
+            est = _custom_call_cost(ins, table) if op == "custom-call" else None
             cost.bytes += est[1] if est and est[1] else _io_bytes(ins, table, comps, types)
             splash = _splash_cost(ins, table) if op == "custom-call" and est is None else None
             if splash is not None:

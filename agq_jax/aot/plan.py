@@ -145,8 +145,8 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert
     if "reshard" in programs:
         full_abs = pr.with_shardings(full, shd.state_shardings(full, mesh))
         fn = placement.reshard_fn(full, mesh, rmesh, shapes.compute_dtype)
-        with jax.set_mesh(mesh):
-            record("reshard", fn.lower(full_abs), mesh, 0.0, extra_resident=resident,
+        with jax.set_mesh(mesh):  # its argument, the fp32 weights, is part of the resident train state
+            record("reshard", fn.lower(full_abs), mesh, 0.0, extra_resident=resident - _tree_bytes(full_abs),
                    note="fp32 train weights -> every rollout group's bf16 copy")
     compute = jnp.dtype(shapes.compute_dtype)
     rollout_state = jax.tree.map(

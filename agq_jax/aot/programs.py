@@ -45,18 +45,10 @@ class Compiled:
         return dataclasses.asdict(self)
 
 
-def _accounting_digest() -> str:
-    """The code that turns a compiled program into figures: a change to it invalidates cached figures."""
-    import hashlib
-    import pathlib
-
-    here = pathlib.Path(__file__).resolve().parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("hlo.py", "programs.py"))).hexdigest()[:12]
-
-
 def program_key(lowered, devices, label: str = "") -> str:
-    """What a compile result depends on: the lowered module, the devices it is compiled for, the compiler and
-    the accounting code. Equal keys give equal figures, so a cache keyed by it is never stale."""
+    """What a compiled program depends on: the lowered module, the devices it is compiled for and the
+    compiler. Equal keys give equal compiled programs, so a cache keyed by it is never stale (the figures
+    are recomputed from the cached optimized HLO, so a change to the accounting needs no recompile)."""
     import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
@@ -65,7 +57,7 @@ def program_key(lowered, devices, label: str = "") -> str:
     except PackageNotFoundError:
         tpu = "none"
     devs = [(d.id, d.process_index, tuple(getattr(d, "coords", ()) or ()), d.device_kind) for d in devices]
-    blob = "\n".join([lowered.as_text(), repr(devs), label, jax.__version__, tpu, _accounting_digest()])
+    blob = "\n".join([lowered.as_text(), repr(devs), label, jax.__version__, tpu])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -84,9 +76,10 @@ def _save_json(path, data) -> None:
 
 
 def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> Compiled:
-    """Compile `lowered`, or read its figures from `cache_path` (JSON, named by `program_key`); a fresh compile
-    is saved there with its optimized HLO beside it (gzip), so the accounting can be redone. A program the
-    compiler refuses raises CompileError (cached too: a refusal can take as long as a compile)."""
+    """Compile `lowered`, or read it back from `cache_path` (JSON named by `program_key`: XLA's memory and cost
+    analyses, with the optimized HLO beside it, gzip); the loop-aware figures are computed from the HLO
+    either way. A program the compiler refuses raises CompileError (cached too: a refusal can take as long
+    as a compile)."""
     import gzip
     import json
     import pathlib
@@ -94,40 +87,44 @@ def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> 
 
     path = pathlib.Path(cache_path) if cache_path is not None else None
     if path is not None and path.is_file():
-        cached = json.loads(path.read_text())
-        if "error" in cached:
-            raise CompileError(cached["error"])
-        return Compiled(**dict(cached, name=name, note=note))
-    t0 = time.time()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, reported by the caller
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if path is not None and ("RESOURCE_EXHAUSTED" in msg or "INTERNAL" in msg):  # deterministic refusals
-            _save_json(path, {"error": msg})
-        raise CompileError(msg) from e
-    dt = time.time() - t0
-    text = compiled.as_text()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
+        compiler = json.loads(path.read_text())
+        if "error" in compiler:
+            raise CompileError(compiler["error"])
+        with gzip.open(path.with_suffix(".hlo.txt.gz"), "rt") as f:
+            text = f.read()
+    else:
+        t0 = time.time()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, reported by the caller
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            if path is not None and ("RESOURCE_EXHAUSTED" in msg or "INTERNAL" in msg):  # deterministic refusals
+                _save_json(path, {"error": msg})
+            raise CompileError(msg) from e
+        dt = time.time() - t0
+        text = compiled.as_text()
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis() or {}
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        compiler = dict(arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
+                        temporaries=int(mem.temp_size_in_bytes), aliased=int(mem.alias_size_in_bytes),
+                        generated_code=int(mem.generated_code_size_in_bytes),
+                        xla_flops=float(cost.get("flops", 0.0)), compile_s=dt)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path.with_suffix(".hlo.txt.gz"), "wt") as f:
+                f.write(text)
+            _save_json(path, compiler)
     walk = hlo.analyze(text)
-    alias = int(mem.alias_size_in_bytes)
-    peak = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - alias)
-    out = Compiled(name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
-                   temporaries=int(mem.temp_size_in_bytes), aliased=alias,
-                   generated_code=int(mem.generated_code_size_in_bytes), peak=peak, flops=walk.flops,
-                   hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
-                   collectives={k: float(v) for k, v in walk.collectives.items()},
-                   xla_flops=float(cost.get("flops", 0.0)), kernels_without_cost=dict(walk.custom_calls),
-                   analytic_flops=walk.analytic_flops, compile_s=dt, note=note)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(path.with_suffix(".hlo.txt.gz"), "wt") as f:
-            f.write(text)
-        _save_json(path, out.to_json())
-    return out
+    c = compiler
+    return Compiled(name=name, arguments=c["arguments"], outputs=c["outputs"], temporaries=c["temporaries"],
+                    aliased=c["aliased"], generated_code=c["generated_code"],
+                    peak=c["arguments"] + c["temporaries"] + c["outputs"] - c["aliased"], flops=walk.flops,
+                    hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
+                    collectives={k: float(v) for k, v in walk.collectives.items()}, xla_flops=c["xla_flops"],
+                    kernels_without_cost=dict(walk.custom_calls), analytic_flops=walk.analytic_flops,
+                    compile_s=c["compile_s"], note=note)
 
 
 # ---- abstract state ---------------------------------------------------------------------------------

@@ -35,9 +35,14 @@ def markdown(results: list[dict]) -> str:
                 continue
             mem = (f"{p['arguments'] / GiB:.1f} / {p['temporaries'] / GiB:.1f} / {p['outputs'] / GiB:.1f}"
                    + (f" (+{p['resident_bytes'] / GiB:.1f})" if p["resident_bytes"] else ""))
+            sampler = name in ("prefill", "decode")
+            where = (f"{r['group_topology']} group" if sampler and r["group_topology"] != r["topology"]
+                     else r["topology"])
+            if sampler:  # one rollout group's program at the per-host decode batch
+                name = f"{name} ({r['decode_batch']}/host)"
             ratio = f"{p['flops_ratio']:.2f}" if p["model_flops"] else "-"
             mfu = f"{p['mfu']:.0%}" if p["model_flops"] else "-"
-            rows.append(f"| {r['config']}:{r['layout']} | {r['topology']} | {name} | {mem} | "
+            rows.append(f"| {r['config']}:{r['layout']} | {where} | {name} | {mem} | "
                         f"{p['total_bytes'] / GiB:.1f} GiB ({p['total_bytes'] / r['hbm_bytes']:.0%})"
                         f"{'' if p['fits'] else ' **no**'} | {p['flops'] / 1e12:.2f} | {ratio} | "
                         f"{p['collective_bytes'] / 1e9:.2f} | {p['time_s'] * 1e3:.0f} ms | "
