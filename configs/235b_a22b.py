@@ -6,10 +6,10 @@
 30B-A3B and uses this model as the *teacher*; this config exists so the sharding of the largest Qwen3
 is built and checked abstractly in the tests, and as a starting point for a self-distillation run.
 
-Not runnable end to end on v5p-256 yet: its bf16 rollout copy (470 GB) does not fit one 4-chip host
-(rollouts need groups spanning hosts), and whether the train step fits 14,336-token rows with splash
-attention is for `python -m agq_jax.aot --config=configs/235b_a22b.py:v5p-256` to say (before splash it
-needed 120 GiB of temporaries and fit at 8,192).
+Its bf16 rollout copy (470 GB) does not fit one 4-chip host, so `expert_shards=4` splits each copy over 4
+hosts (16 chips) that decode together. Compiled for v5p:4x4x8 (docs/launch.md): the train step fits
+14,336-token rows (73.2 of 95 GiB per chip; 120 GiB of temporaries before splash attention), the rollout
+programs at 32 rows per host fit with the train state resident (prefill 79.1, reshard 86.0 GiB).
 """
 from agq_jax.run_config import sibling
 
