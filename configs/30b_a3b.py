@@ -32,8 +32,10 @@ MESH_LAYOUTS = {
     "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=2, expert=2), micro_batch_rows=16,
                         decode_batch_size=64, topology="v5p:2x4x4",
                         note="expert parallel: 64 experts per expert shard, tensor=2 x expert=2 inside a host"),
+    # expert_shards=2: a rollout copy spans 2 hosts (8 chips); one host's copy (tensor=4) made the reshard
+    # need 33.8 GiB of 31.25 (compiled); with 2 hosts: reshard 17.3, prefill 16.4, decode 21.9 GiB
     "v6e-64": Layout("tpu-v6e", 64, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=16,
-                     decode_batch_size=8, topology="v6e:8x8",
+                     decode_batch_size=8, expert_shards=2, topology="v6e:8x8",
                      note="64 chips x 32 GB; ~8 GB of training state per chip"),
     "h100x16": Layout("h100", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                       note="two 8xH100 nodes; tensor=4 over NVLink, FSDP across both nodes"),

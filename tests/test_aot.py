@@ -244,7 +244,8 @@ def test_every_tpu_layout_builds_its_meshes_on_the_real_topology():
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert "configs/30b_a3b.py:v6e-64" in res and res["configs/30b_a3b.py:v6e-64"]["mesh"]["fsdp"] == 16
-    assert res["configs/30b_a3b.py:v6e-64"]["sub"] == "v6e:2x2"  # one 4-chip host, ids 0..3
+    v6e = res["configs/30b_a3b.py:v6e-64"]  # expert_shards=2: a copy on two 4-chip hosts, a slice of their shape
+    assert v6e["sub"] == "v6e:4x2" and v6e["copy_hosts"] == 2 and v6e["sub_devices"] == 8
     big = res["configs/235b_a22b.py:v5p-256"]
     assert big["copy_hosts"] > 1 and big["group_mesh"]["expert"] == big["copy_hosts"] * 4 // big["mesh"]["tensor"]
     for name, r in res.items():
