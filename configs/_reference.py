@@ -52,6 +52,13 @@ _SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.a
 DEMO_TASKS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "tool_use_demo.json"))
 TASK_FILES = (DEMO_TASKS,) if os.path.isfile(DEMO_TASKS) else ()
 
+# The paper's 5K personas seed the agentic flywheel: the release beside the repository (or under $AGQ_SHARED),
+# else data_synth.personas' built-in set.
+_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+PERSONAS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "persona_5K.jsonl"))
+PERSONAS = PERSONAS if os.path.isfile(PERSONAS) else ""
+PERSONAS_PER_ROUND = 16
+
 
 # ---- mesh layouts ------------------------------------------------------------------------------------
 class Layout(NamedTuple):
@@ -222,6 +229,9 @@ def build(name: str, preset: str, hf_path: str, layouts: Mapping[str, Layout], l
     c.teachers.judge.temperature = 0.0
     c.teachers.judge.max_tokens = 1024
     c.teachers.solver.temperature = 0.6
+    c.synth.agentic.persona_path = PERSONAS
+    c.synth.agentic.num_personas = PERSONAS_PER_ROUND
+    c.synth.reasoning.persona_path = PERSONAS
     return c
 
 
@@ -272,12 +282,12 @@ def shrink(c, layout: Layout):
         c.sft.steps, c.sft.batch_size, c.sft.warmup_steps = 2, max(4, c.mesh.data * c.mesh.fsdp), 1
     shards = c.mesh.data * c.mesh.fsdp  # micro-batches are split over data x fsdp
     c.rl.steps_per_round = 2
-    c.rl.tasks_per_step = 4
     c.rl.group_size = 2
-    c.rl.mini_batch_tasks = 2 if shards <= 4 else 4
+    c.rl.mini_batch_tasks = max(1, shards // 2)     # mini-batch rows >= the batch shards
+    c.rl.tasks_per_step = 2 * c.rl.mini_batch_tasks  # two optimizer steps per GRPO step, as the recipe's four
     c.rl.micro_batch_rows = max(shards, 2)
     c.rl.max_refill_batches = 1
-    c.rollout.max_len = 4096            # a released demo task's prompt alone is 1.9k-3.2k tokens
+    c.rollout.max_len = 2560                # demo prompts of 1.9k-2.5k tokens fit; longer ones are left out, counted
     c.rollout.max_response_tokens = 384
     c.rollout.max_new_tokens_per_turn = 32
     c.rollout.decode_batch_size = 4
@@ -289,7 +299,7 @@ def shrink(c, layout: Layout):
     c.eval.batch_size = 8
     c.checkpoint.every_steps = 1
     c.export.max_shard_bytes = 4 * 2**20   # several shards, as a real export has
-    c.teachers.default.base_url = "loopback"
+    c.teachers.default.base_url = "loopback?malformed_rate=0.15"  # garbage too: counted, retried, survived
     c.teachers.default.concurrency = 4
     c.teachers.default.timeout_s = 60.0
     c.synth.agentic.num_procedural = 4

@@ -11,7 +11,7 @@ import os
 from agq_jax.run_config import defaults
 
 # The paper's 5K personas live in shared/ beside the repository (or $AGQ_SHARED); resolved from this file, not
-# the working directory. Without them stage 1 has no seeds ("" = none configured).
+# the working directory. Without them the built-in personas seed stage 1 ("" = data_synth.personas).
 _SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 PERSONAS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "persona_5K.jsonl"))
 if not os.path.isfile(PERSONAS):

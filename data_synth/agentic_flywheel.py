@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from typing import Any
 
 from agq_jax.envs.rewards import score
@@ -29,20 +28,12 @@ def _teachers(client) -> dict:
 
 
 def load_seed_items(cfg, round_idx: int, seed: int) -> list[dict]:
-    """Stage-1 inputs: personas sampled deterministically from a JSONL file, plus seed linear workflows."""
-    items = []
-    if cfg.persona_path and int(cfg.num_personas) > 0:
-        rows = []
-        with open(cfg.persona_path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if line.strip():
-                    r = json.loads(line)
-                    if not r.get("persona"):
-                        continue
-                    rows.append({"id": str(r.get("id") or f"persona{ln}"), "persona": r["persona"]})
-        rng = random.Random(int(seed) * 7919 + round_idx)
-        items += [{"id": f"persona/{r['id']}", "persona": r["persona"]}
-                  for r in rng.sample(rows, k=min(int(cfg.num_personas), len(rows)))]
+    """Stage-1 inputs: `num_personas` personas sampled deterministically (data_synth.personas: the configured
+    JSONL, or the built-in set), plus seed linear workflows."""
+    from data_synth.personas import load_personas
+
+    items = [{"id": f"persona/{r['id']}", "persona": r["persona"]}
+             for r in load_personas(cfg.persona_path, int(cfg.num_personas), int(seed) * 7919 + round_idx)]
     if cfg.workflow_path:
         with open(cfg.workflow_path, encoding="utf-8") as f:
             for ln, line in enumerate(f, 1):

@@ -9,7 +9,6 @@ failures are made harder procedurally. Seeds: a JSONL file and/or the procedural
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import pydantic
@@ -66,19 +65,6 @@ def _candidate(question: str, proposed: str, parent: ReasoningProblem, round_idx
     return {"id": problem_id(question, "", [parent.id, derivation]), "question": question, "proposed_answer": proposed,
             "parent": parent.model_dump(), "round": round_idx, "stage": stage, "derivation": derivation,
             "teacher": teacher, "prompt_hash": stable_hash(PROMPTS[prompt_name]), "extra": extra or {}}
-
-
-def _load_personas(path: str | None, n: int, seed: int) -> list[str]:
-    if not path:
-        return ["a high-school physics teacher", "a pharmaceutical chemist", "a personal finance advisor"]
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line).get("persona", ""))
-    rows = [r for r in rows if r]
-    rng = random.Random(seed)
-    return rng.sample(rows, k=min(n, len(rows)))
 
 
 async def _self_instruct(item: dict, ctx: StageContext, *, n_variants: int, round_idx: int) -> list[dict]:
@@ -198,7 +184,10 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
             **common)
         rejections += rej
         stats.append(st)
-        personas = _load_personas(cfg.persona_path, len(teacher_failed) * int(cfg.personas_per_failure), seed)
+        from data_synth.personas import load_personas
+
+        personas = [r["persona"] for r in load_personas(
+            cfg.persona_path, len(teacher_failed) * int(cfg.personas_per_failure), seed)]
         pitems = []
         for i, p in enumerate(teacher_failed):
             for j in range(int(cfg.personas_per_failure)):

@@ -80,21 +80,43 @@ class Endpoint:
         return d
 
 
+def is_loopback(url: str) -> bool:
+    return url == "loopback" or url.startswith("loopback?")
+
+
+def _loopback_options(url: str) -> dict:
+    """`loopback?malformed_rate=0.2` -> {"malformed_rate": 0.2}; an unknown option names itself."""
+    import urllib.parse
+
+    query = urllib.parse.parse_qs(url.partition("?")[2], strict_parsing=bool(url.partition("?")[2]))
+    out = {}
+    for key, values in query.items():
+        if key != "malformed_rate":
+            raise ValueError(f"config teachers base_url {url!r}: unknown loopback option {key!r} (malformed_rate)")
+        out[key] = float(values[-1])
+    return out
+
+
 def client_from_config(teachers, cache_dir: str) -> "TeacherClient | None":
     """The client of a run config's `teachers` section (agq_jax.run_config TeachersSection), or None offline.
 
     Every role's endpoint is fully resolved by the section (role value, else `teachers.default`'s); the
     trainer and `python -m data_synth.run` both build their client here. A `loopback` URL starts the
-    scripted loopback teacher in-process for the client's lifetime (data_synth.loopback_teacher)."""
+    scripted loopback teacher in-process for the client's lifetime (data_synth.loopback_teacher);
+    `loopback?malformed_rate=0.2` makes that share of its replies malformed (seeded by teachers.default.seed)."""
     specs = teachers.endpoints()
     if not specs:
         return None
     server = None
-    if any(ep["base_url"] == "loopback" for ep in specs.values()):
+    loop_urls = {ep["base_url"] for ep in specs.values() if is_loopback(ep["base_url"])}
+    if len(loop_urls) > 1:
+        raise ValueError(f"config teachers: one loopback teacher per run, got {sorted(loop_urls)}")
+    if loop_urls:
         from data_synth.loopback_teacher import start_loopback_teacher
 
-        server = start_loopback_teacher()
-        specs = {r: dict(ep, base_url=server.base_url if ep["base_url"] == "loopback" else ep["base_url"])
+        url = loop_urls.pop()
+        server = start_loopback_teacher(**_loopback_options(url), seed=int(specs[next(iter(specs))]["seed"]))
+        specs = {r: dict(ep, base_url=server.base_url if ep["base_url"] == url else ep["base_url"])
                  for r, ep in specs.items()}
     endpoints = {}
     for role, ep in specs.items():

@@ -265,6 +265,32 @@ def test_synthesis_round_with_garbage_teachers_rejects_everything(sglang_server,
     assert served == {SERVED_NAME}
 
 
+def test_full_size_smoke_with_every_teacher_role_on_sglang(sglang_server, tmp_path):
+    """configs/8b.py:cpu-smoke for one round with every teacher role (synthesizer, mock user, mock tools, judge,
+    solver) on this real sglang-jax server. Its random weights answer garbage: every malformed reply is counted
+    and retried or rejected, and the round finishes with GRPO steps, an evaluation and an export."""
+    url = sglang_server.base_url + "/v1"
+    argv = ["--config=configs/8b.py:cpu-smoke", f"--config.run_dir={tmp_path / 'run'}", "--config.rounds=1",
+            f"--config.teachers.default.base_url={url}", f"--config.teachers.default.model={SERVED_NAME}",
+            "--config.teachers.default.max_retries=1", "--config.teachers.default.backoff_s=0.1",
+            *[f"--config.teachers.{role}.max_tokens=24" for role in ("synthesizer", "mock_user", "mock_tool",
+                                                                     "judge", "solver")]]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "agq_jax.train", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert set(out["evals"]) == {"round0"} and Path(out["export"], "config.json").is_file()
+    man = json.loads((tmp_path / "run" / "data" / "round_0" / "manifest.json").read_text())
+    assert man["mode"] == "teacher" and man["counts"]["rejected"] > 0
+    assert {m for m in man["teachers"]["models"].values()} == {SERVED_NAME}
+    usage = man["teachers"]["usage"]
+    assert usage["synthesizer"]["requests"] > 0 and usage["synthesizer"]["completion_tokens"] > 0
+    grpo = [json.loads(line)["metrics"] for line in open(tmp_path / "run" / "metrics.jsonl")
+            if json.loads(line)["kind"] == "grpo"]
+    assert len(grpo) == 2 and all("train/loss" in m for m in grpo)
+
+
 def test_launch_scripts_build_the_documented_commands(tmp_path):
     """Both launchers (the GPU one cannot run here) print the exact server command, never an API key."""
     env = {**os.environ, "MY_TEACHER_KEY": "sk-secret-value"}

@@ -5,6 +5,7 @@ derivation); with `model.hf_path` the weights load straight into their shardings
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -23,17 +24,8 @@ def vocab_info(rc, tok, ids: SpecialIds):
 
 
 def make_mesh(rc):
-    """The training mesh, or None on a single device / with mesh.enabled off. A layout sized for another
-    platform (a TPU layout on GPUs, say) is an error naming the layout."""
-    from agq_jax.run_config.schema import HARDWARE
-
+    """The training mesh, or None on a single device / with mesh.enabled off."""
     m = rc.mesh
-    if m.hardware and m.hardware != "cpu":
-        want, have = HARDWARE[m.hardware].platform, jax.default_backend()
-        if want != have:
-            raise RuntimeError(f"config mesh.layout={m.layout!r} is sized for {HARDWARE[m.hardware].description} "
-                               f"({want}) but jax runs on {have}: pick a layout for this hardware "
-                               f"(--config=configs/NAME.py:LAYOUT) or its cpu-smoke variant")
     if not m.enabled or jax.device_count() == 1:
         return None
     from agq_jax.models import sharding
@@ -41,13 +33,58 @@ def make_mesh(rc):
     return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert))
 
 
+def _device_bytes() -> float:
+    """Memory of one local device: the accelerator's limit, or host RAM shared by the CPU devices."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / max(len(jax.local_devices()), 1)
+
+
+def preflight(rc, mcfg, mesh) -> None:
+    """Fail before any weight is loaded when the train state cannot fit: per device, the params, their
+    gradients and the two AdamW moments (the least training allocates), against the device's memory. The
+    error names the layout and the tools that check a config without its hardware."""
+    from agq_jax.models.hf_io import abstract_model
+    from agq_jax.run_config.schema import HARDWARE
+
+    pdtype = jnp.dtype(rc.model.param_dtype)
+    _, abstract = abstract_model(mcfg, jnp.dtype(rc.model.dtype), pdtype)
+    leaves = jax.tree.leaves(abstract)
+    if mesh is None:
+        per_device = sum(x.size * x.dtype.itemsize for x in leaves)
+    else:
+        from agq_jax.models.sharding import state_shardings
+
+        shards = jax.tree.leaves(state_shardings(abstract, mesh))
+        per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
+    mu = jnp.dtype(rc.optim.mu_dtype).itemsize / pdtype.itemsize if rc.optim.mu_dtype else 1.0
+    need, have = per_device * (3 + mu), _device_bytes()
+    if need <= 0.9 * have:
+        return
+    n = sum(x.size for x in leaves)
+    hw = HARDWARE.get(rc.mesh.hardware)
+    sized = (f" Layout {rc.mesh.layout!r} is sized for {hw.description} devices ({hw.hbm_bytes / 2**30:.0f} GiB "
+             f"each)." if hw is not None and rc.mesh.layout else "")
+    raise MemoryError(
+        f"config {rc.name!r}: the model ({n / 1e9:.2f}B params) needs {need / 2**30:.1f} GiB per device for its "
+        f"train state (params + grads + 2 AdamW moments in {rc.model.param_dtype}, over "
+        f"{jax.device_count()} {jax.default_backend()} device(s)) but a device here has "
+        f"{have / 2**30:.1f} GiB.{sized} Check a layout's fit without its hardware with "
+        f"`python -m agq_jax.aot --config=configs/NAME.py:LAYOUT`, or run this config's code path at toy size on "
+        f"a CPU with `--config=configs/NAME.py:cpu-smoke`.")
+
+
 def build_model(rc, tok, ids: SpecialIds, mesh=None):
     """The policy: the HF checkpoint at model.hf_path (sharded as it loads), else a random init seeded by
-    `seed`; either way with the config model_config derives (training fields and overrides included)."""
+    `seed`; either way with the config model_config derives (training fields and overrides included).
+    Checks first that the train state fits (preflight)."""
     from agq_jax.models import qwen3
     from agq_jax.run_config import model_config
 
     mcfg = model_config(rc, vocab=vocab_info(rc, tok, ids))
+    preflight(rc, mcfg, mesh)
     dtype, pdtype = jnp.dtype(rc.model.dtype), jnp.dtype(rc.model.param_dtype)
     if rc.model.hf_path:
         return qwen3.from_pretrained(rc.model.hf_path, dtype=dtype, mesh=mesh, param_dtype=pdtype, config=mcfg)
@@ -57,6 +94,34 @@ def build_model(rc, tok, ids: SpecialIds, mesh=None):
     from agq_jax.models import sharding
 
     return sharding.create_sharded_model(make, mesh)
+
+
+def startup_banner(rc, model, mesh, teachers) -> str:
+    """What a run is about to train, on what, with which teachers (printed once; warns when the layout was
+    sized for another platform than the one jax runs on)."""
+    from agq_jax.models.attention import resolve_attention_impl
+    from agq_jax.models.moe import resolve_moe_impl
+    from agq_jax.run_config.schema import HARDWARE
+
+    cfg = model.config
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    t = rc.rollout.max_len
+    attn = resolve_attention_impl(cfg.attention_impl, t, t, True, dtype=model.dtype, head_dim=cfg.head_dim)
+    source = rc.model.hf_path or f"random init of {rc.model.preset or 'model.overrides'}"
+    m = rc.mesh
+    axes = "x".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names) if mesh is not None else "one device"
+    lines = [f"[{rc.name}] {cfg.model_type} {n / 1e9:.3g}B params from {source}; compute {rc.model.dtype}, "
+             f"masters {rc.model.param_dtype}, remat {cfg.remat}, attention {cfg.attention_impl} ({attn} for "
+             f"{t}-token rows), MoE " + (f"{cfg.moe_impl} ({resolve_moe_impl(cfg.moe_impl)})" if cfg.is_moe else "-"),
+             f"[{rc.name}] mesh {axes} on {jax.device_count()} {jax.default_backend()} device(s)"
+             + (f", layout {m.layout!r}" if m.layout else ""),
+             f"[{rc.name}] teachers: " + (", ".join(f"{r}={e.model}" for r, e in sorted(teachers.endpoints.items()))
+                                         if teachers is not None else "none (offline world and procedural data)")]
+    hw = HARDWARE.get(m.hardware)
+    if hw is not None and hw.platform not in ("cpu", jax.default_backend()):
+        lines.append(f"[{rc.name}] WARNING: layout {m.layout!r} is sized for {hw.description} ({hw.platform}); "
+                     f"jax runs on {jax.default_backend()}")
+    return "\n".join(lines)
 
 
 def loss_temperature(rl) -> float:

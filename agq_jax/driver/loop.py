@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from agq_jax.driver import data as D
-from agq_jax.driver.build import build_model, export_hf, loss_temperature, make_mesh, trainer_configs
+from agq_jax.driver.build import (build_model, export_hf, loss_temperature, make_mesh, startup_banner,
+                                  trainer_configs)
 from agq_jax.driver.evaluate import episode_for_failure, evaluate, headline
 from agq_jax.driver.logs import MetricsLogger, round_summary
 from agq_jax.driver.policy import Policy
@@ -85,14 +86,12 @@ class Driver:
         self.tok = tokenizer if tokenizer is not None else load_run_tokenizer(rc.tokenizer, self.run_dir,
                                                                               is_writer=self.is_writer)
         self.ids = SpecialIds.of(self.tok)
-        self.mesh = make_mesh(rc)
-        self.model = build_model(rc, self.tok, self.ids, self.mesh)
         from data_synth.run import teacher_client
 
         self.teachers = teacher_client(rc)  # None offline; mock user / tools / judge and synthesis share it
         self.world = D.make_world(rc.env, self.teachers)   # training and evaluation episodes alike
-        self.policy = Policy(rc, self.model, self.tok, self.ids, self.mesh,
-                             make_env=lambda item, tool_cache=None: D.make_env(item, self.world, tool_cache))
+        self.mesh = self.model = self.policy = None  # built after round 0's data (synthesis needs no model)
+        self._teacher_seen: dict = {}  # teacher usage already logged (per-step deltas)
         from agq_jax.rl.checkpoint import CheckpointManager
 
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), max_to_keep=rc.checkpoint.keep,
@@ -103,10 +102,24 @@ class Driver:
                      "global_step": 0, "failed": {}, "evals": {}}
         resume = self.ckpt.latest_step()
         if resume is not None:
+            self._build_policy()
             self._restore(resume)
         self.log = MetricsLogger(self.run_dir, enabled=self.is_writer, resume_step=resume if resume is not None else None)
         self.heldout = heldout_items if heldout_items is not None else D.fitting(D.heldout_items(rc), rc.env,
                                                                                   self.tok, rc.rollout)[0]
+
+    def _build_policy(self):
+        """The mesh, the model (after its memory preflight) and the sampler; once, after round 0's dataset
+        exists or at a resume."""
+        if self.model is not None:
+            return
+        rc = self.rc
+        self.mesh = make_mesh(rc)
+        self.model = build_model(rc, self.tok, self.ids, self.mesh)
+        self.policy = Policy(rc, self.model, self.tok, self.ids, self.mesh,
+                             make_env=lambda item, tool_cache=None: D.make_env(item, self.world, tool_cache))
+        if self.progress:
+            print(startup_banner(rc, self.model, self.mesh, self.teachers), flush=True)
 
     # ------------------------------------------------------------------ trainers and checkpoints
     def _make_trainer(self, kind: str):
@@ -178,7 +191,8 @@ class Driver:
         finally:
             self.ckpt.wait()
             self.log.close()
-            self.policy.close()
+            if self.policy is not None:
+                self.policy.close()
             if self.teachers is not None:
                 self.teachers.close()
         return {"evals": self.meta["evals"], "export": export or self._export_path(rounds - 1)}
@@ -204,6 +218,7 @@ class Driver:
             for prev in range(r):
                 a, q, _ = D.build_round_dataset(rc, prev, None, is_writer=False)
                 agentic, reasoning = a + agentic, q + reasoning
+        self._build_policy()
         doms = set(rc.data.domains)
         if doms:
             agentic = [it for it in agentic if it.obj.domain in doms]
@@ -401,6 +416,19 @@ class Driver:
             fam_r = [e.reward for e, f in zip(all_eps, fams) if f == fam]
             if fam_r:
                 out[f"rollout/{fam}/reward_mean"] = float(np.mean(fam_r))
+        out.update(self._teacher_usage())
+        return out
+
+    def _teacher_usage(self) -> dict:
+        """Teacher calls and failed requests (malformed, timeouts... retried) per role since the last step."""
+        if self.teachers is None:
+            return {}
+        now, out = self.teachers.stats_dict(), {}
+        for role, st in now.items():
+            prev = self._teacher_seen.get(role, {})
+            out[f"teachers/{role}/calls"] = float(st["calls"] - prev.get("calls", 0))
+            out[f"teachers/{role}/errors"] = float(sum(st["errors"].values()) - sum(prev.get("errors", {}).values()))
+        self._teacher_seen = now
         return out
 
     # ------------------------------------------------------------------ failures (flywheel input)

@@ -3,7 +3,8 @@ reads too, in the same way as the trainer.
 
 Every role (synthesizer, mock_user, mock_tool, judge, solver) inherits `teachers.default` field by field;
 a role sets only what differs (`None` = inherit). `base_url = "loopback"` starts the scripted loopback
-teacher in-process (data_synth.loopback_teacher: the cpu-smoke layouts and offline tests); an empty
+teacher in-process (data_synth.loopback_teacher: the cpu-smoke layouts and offline tests;
+`loopback?malformed_rate=0.2` for a share of malformed replies); an empty
 `default.base_url` with no role URL means offline (procedural data, scripted world).
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Optional
 from agq_jax.run_config.tracking import Section
 
 ROLES = ("synthesizer", "mock_user", "mock_tool", "judge", "solver")
-LOOPBACK = "loopback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +101,6 @@ class TeachersSection(Section):
     def solver_roles(self) -> list[str]:
         return ["solver"] + [f"solver/{i}" for i in range(1, len(self.solver_models) + 1)]
 
-    def urls(self) -> set[str]:
-        """The base URLs in use (without reading the other endpoint fields: offline runs consume none)."""
-        urls = {getattr(self, role).base_url or self.default.base_url for role in ROLES}
-        return {u for u in urls if u}
-
-    @property
-    def offline(self) -> bool:
-        return not self.urls()
-
-    @property
-    def loopback(self) -> bool:
-        return LOOPBACK in self.urls()
-
 
 @dataclasses.dataclass(frozen=True)
 class DifficultySection(Section):
@@ -133,8 +120,8 @@ class AgenticSynthSection(Section):
     level: int = 0                       # procedural difficulty (worlds.generator.Knobs)
     expansion: str = "harder"            # offline flywheel: harder (variants of the failed tasks) | fresh (as many
                                          # fresh tasks of the same difficulty, random domain / branch: the control)
-    persona_path: str = ""               # JSONL {id, persona}: teacher blueprints seeded by personas
-    num_personas: int = 0
+    persona_path: str = ""               # JSONL {id, persona} seeding teacher blueprints; "" = the built-in set
+    num_personas: int = 0                # personas per round (0 = no persona-seeded synthesis)
     workflow_path: str = ""              # JSONL {id, workflow}: teacher behaviour trees from workflows
     min_tools: int = 3
     max_tools: int = 5
@@ -165,7 +152,7 @@ class ReasoningSynthSection(Section):
     harder_per_failure: int = 1
     variants_per_failure: int = 2
     personas_per_failure: int = 1
-    persona_path: str = ""
+    persona_path: str = ""               # JSONL {id, persona} for persona rewrites; "" = the built-in set
     k_solutions: int = 3                 # a made-harder problem is kept only when these agree
     concurrency: int = 8
     max_attempts: int = 3
@@ -177,5 +164,5 @@ class SynthSection(Section):
     reasoning: ReasoningSynthSection = field(default_factory=ReasoningSynthSection)
 
 
-__all__ = ["ROLES", "LOOPBACK", "EndpointSection", "RoleSection", "TeachersSection", "DifficultySection",
+__all__ = ["ROLES", "EndpointSection", "RoleSection", "TeachersSection", "DifficultySection",
            "AgenticSynthSection", "ReasoningSynthSection", "SynthSection"]

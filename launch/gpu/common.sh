@@ -42,7 +42,7 @@ build_train_cmd() {
   [[ "$DRY_RUN" == "1" || -x "$VENV/bin/python" ]] || die "no venv at $VENV: run launch/gpu/install.sh first"
   TRAIN_CMD=("$VENV/bin/python" -m agq_jax.train --config="$config_arg")
   [[ -n "$RUN_DIR" ]] && TRAIN_CMD+=(--config.run_dir="$RUN_DIR")
-  [[ -n "$TEACHER_URL" ]] && TRAIN_CMD+=(--config.teachers.base_url="$TEACHER_URL")
+  [[ -n "$TEACHER_URL" ]] && TRAIN_CMD+=(--config.teachers.default.base_url="$TEACHER_URL")
   TRAIN_CMD+=("$@")
   export XLA_PYTHON_CLIENT_MEM_FRACTION="$MEM_FRACTION"
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$EXTRA_XLA_FLAGS"

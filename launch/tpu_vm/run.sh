@@ -58,7 +58,7 @@ config_arg="$CONFIG"
 [[ -n "$LAYOUT" ]] && config_arg="$CONFIG:$LAYOUT"
 args=(--config="$config_arg")
 [[ -n "$RUN_DIR" ]] && args+=(--config.run_dir="$RUN_DIR")
-[[ -n "$TEACHER_URL" ]] && args+=(--config.teachers.base_url="$TEACHER_URL")
+[[ -n "$TEACHER_URL" ]] && args+=(--config.teachers.default.base_url="$TEACHER_URL")
 args+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 quoted="$(printf '%q ' "${args[@]}")"
 
