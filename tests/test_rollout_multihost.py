@@ -122,6 +122,31 @@ def test_row_noise_is_the_rows_of_the_whole_draw():
         row_noise(jax.random.key(0, impl="rbg"), jnp.arange(2), (2, 5), jnp.float32)
 
 
+def test_decode_batches_give_the_episodes_of_one_batch():
+    """rollout.decode_batch_size: decoding 3 episodes at a time gives the same episodes as all at once (each
+    batch draws its rows' noise as those rows of the whole batch's draw: sampler.row_noise)."""
+    from agq_jax.driver.build import build_model
+    from agq_jax.driver.policy import Policy
+    from agq_jax.tokenizer import SpecialIds
+
+    rc, tok, tasks = setup()
+    ids = SpecialIds.of(tok)
+    model = build_model(rc, tok, ids)
+    whole = Policy(rc, model, tok, ids)
+    batched = Policy(rc.replace(**{"rollout.decode_batch_size": 3}), model, tok, ids)
+    try:
+        ref, got = run_cases(whole, tasks), run_cases(batched, tasks)
+    finally:
+        whole.close()
+        batched.close()
+    for c, (ra, ga) in enumerate(zip(ref["cases"], got["cases"])):
+        assert len(ra) == len(ga)
+        for i, (r, g) in enumerate(zip(ra, ga)):
+            for key in ("logprobs", "sample_logprobs"):
+                np.testing.assert_allclose(g.pop(key), r.pop(key), atol=1e-5, err_msg=f"case {c} row {i} {key}")
+            assert g == r, f"case {c} row {i}"
+
+
 @pytest.mark.parametrize("family", ["dense", "moe"], ids=["group-per-host", "group-spans-hosts"])
 def test_two_process_rollouts_equal_one_process(tmp_path, family):
     procs = start_workers(__file__, tmp_path, devices_per_process=2, args=(family,))
@@ -130,9 +155,9 @@ def test_two_process_rollouts_equal_one_process(tmp_path, family):
     from agq_jax.driver.policy import Policy
     from agq_jax.tokenizer import SpecialIds
 
-    cfg, tok, tasks = setup(family)
+    rc, tok, tasks = setup(family)
     ids = SpecialIds.of(tok)
-    policy = Policy(cfg, build_model(cfg, tok, ids), tok, ids)  # one process, no mesh: the reference
+    policy = Policy(rc, build_model(rc, tok, ids), tok, ids)  # one process, no mesh: the reference
     try:
         ref = run_cases(policy, tasks)
     finally:
@@ -171,10 +196,10 @@ if __name__ == "__main__":  # one of the two worker processes
 
     assert jax.process_count() == 2 and jax.device_count() == 4
     family = sys.argv[5]
-    cfg, tok, tasks = setup(family)
+    rc, tok, tasks = setup(family)
     ids = SpecialIds.of(tok)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4))  # the driver's layout: params split across all 4 devices
-    policy = Policy(cfg, build_model(cfg, tok, ids, mesh), tok, ids, mesh)
+    policy = Policy(rc, build_model(rc, tok, ids, mesh), tok, ids, mesh)
     try:
         result = run_cases(policy, tasks)
         sampler = policy._local[1]

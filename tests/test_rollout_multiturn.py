@@ -198,6 +198,22 @@ def test_token_budget_ends_episodes_as_overlong(tok, policy):
     assert batch.pack()["truncated"].all()
 
 
+def test_response_token_cap_ends_episodes_as_overlong(tok, policy):
+    """rollout.max_response_tokens (the reference's 10,000): once the tokens after the prompt reach the cap the
+    episode ends as overlong, well inside max_len."""
+    model, sampler = policy
+    tasks = [generate_task(d, "legal", seed=2) for d in DOMAINS]
+    limits = EpisodeLimits(max_agent_turns=100, max_user_turns=100, max_consecutive_malformed=100)
+    cap = 120
+    config = RolloutConfig(max_len=1024, max_new_tokens_per_turn=16, max_response_tokens=cap)
+    batch = run_rollouts(sampler, model, [make_env(t, limits=limits) for t in tasks], tok, params=PARAMS,
+                         config=config, rng=jax.random.key(1))
+    for ep in batch.episodes:
+        assert ep.overlong and ep.termination == "overlong" and ep.record.termination == "max_tokens"
+        assert cap - 40 <= ep.response_length <= cap and len(ep.token_ids) < config.max_len - 200
+        check_episode(tok, model, ep)
+
+
 def test_reasoning_envs_roll_out_the_same_way(tok, policy):
     """The reasoning env (nudges as user turns, parse errors as tool turns) through the same loop."""
     from agq_jax.envs.reasoning import make_reasoning_env, score_reasoning
