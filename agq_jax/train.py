@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -48,7 +49,10 @@ def main(argv):
     from agq_jax.run_config import RunConfig
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    rc = RunConfig.from_configdict(FLAGS.config)
+    try:
+        rc = RunConfig.from_configdict(FLAGS.config)
+    except (KeyError, ValueError, TypeError) as e:  # a bad key or value: the message names it
+        sys.exit(f"error: {e}")
     if rc.smoke.enabled:  # before jax starts
         from agq_jax import smoke
 
@@ -64,6 +68,8 @@ def main(argv):
     except StopRequested as e:
         print(json.dumps({"stopped_after": int(e.args[0]), "run_dir": driver.run_dir}))
         return
+    except MemoryError as e:  # the preflight: the train state cannot fit these devices
+        sys.exit(f"error: {e}")
     if driver.is_writer:
         print(json.dumps({"run_dir": driver.run_dir, "export": result["export"], "evals": result["evals"]}, indent=1))
 

@@ -175,6 +175,38 @@ def test_every_rounds_export_loads_in_transformers_with_our_logits(smoke_30b, sm
     _logits_match(str(smoke_8b[0] / "export" / "round_1"))
 
 
+def test_full_size_config_synthesizes_round_0_then_stops_on_memory(work):
+    """The shipped 30B-A3B config as a user runs it, pointed at a checkpoint directory holding the real model's
+    config.json and at a teacher URL: round 0's data is synthesized through every stage, then the run stops
+    before loading any weight, naming the memory it needs and the tools that check a layout on a CPU."""
+    from agq_jax.models.config import PRESETS
+
+    d, env = work
+    ckpt = d / "Qwen3-30B-A3B"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(PRESETS["Qwen3-30B-A3B"].to_hf_dict()))
+    proc = subprocess.run([sys.executable, "-m", "agq_jax.train", "--config=configs/30b_a3b.py",
+                           f"--config.run_dir={d / 'full_30b'}", f"--config.model.hf_path={ckpt}",
+                           "--config.teachers.default.base_url=loopback"],
+                          cwd=ROOT, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    man = json.load(open(d / "full_30b" / "data" / "round_0" / "manifest.json"))
+    assert man["mode"] == "teacher" and man["counts"]["agentic"] > 0 and man["counts"]["reasoning"] > 0
+    assert "30.53B params" in proc.stderr and "GiB per device" in proc.stderr
+    assert "Layout 'v5p-64' is sized for TPU v5p chip devices" in proc.stderr and ":cpu-smoke" in proc.stderr
+
+
+def test_bad_config_keys_stop_the_cli_naming_them(work):
+    _, env = work
+    for flag, msg in (("--config.rl.mini_batch_tasks=7", "rl.tasks_per_step=64 is not a multiple of "
+                                                          "rl.mini_batch_tasks=7"),
+                      ("--config.model.remat=most", "config model.remat='most'")):
+        proc = subprocess.run([sys.executable, "-m", "agq_jax.train", "--config=configs/8b.py", flag], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_every_knob_is_read(work, tiny, smoke_30b, smoke_8b):
     """Every leaf of the run config (configs/base.py's defaults, hence every shipped config's keys) was read by
     the code these runs executed: a knob that nothing reads is a bug."""

@@ -219,6 +219,8 @@ class Driver:
                 a, q, _ = D.build_round_dataset(rc, prev, None, is_writer=False)
                 agentic, reasoning = a + agentic, q + reasoning
         self._build_policy()
+        if self.teachers is not None:  # synthesis usage is in the round's manifest; steps log their own
+            self._teacher_seen = self.teachers.stats_dict()
         doms = set(rc.data.domains)
         if doms:
             agentic = [it for it in agentic if it.obj.domain in doms]
