@@ -80,6 +80,10 @@ def test_consistency_filter_and_variants(tmp_path):
         res = run_round(c, 1, failures=failures)
         n_requests = srv.request_count()
         rows = read_jsonl(res.reasoning_path)
+        from agq_jax.driver.data import REASONING, load_items
+        from agq_jax.run_config.schema import EnvSection
+
+        assert len(load_items(rows, REASONING, EnvSection(), with_gold=False)) == len(rows)  # the trainer reads them
         by_q = {r["question"]: r for r in rows}
         kept = {q[:25] for q in by_q}
         assert kept == {"A shop sells pens at 4 do", "Solve for x: 5x - 7 = 2x ", "A chemist buys reagent vi",
