@@ -214,6 +214,19 @@ def test_response_token_cap_ends_episodes_as_overlong(tok, policy):
         check_episode(tok, model, ep)
 
 
+def test_prompt_longer_than_the_budget_is_an_overlong_episode_without_loss(tok, policy):
+    """A task whose prompt alone fills max_len ends at once as overlong, clipped to the budget with no policy
+    token, so the batch still packs at max_len (an imported task longer than the config's budget)."""
+    model, sampler = policy
+    config = RolloutConfig(max_len=96, max_new_tokens_per_turn=16)
+    envs = [make_env(generate_task(d, "legal", seed=3)) for d in DOMAINS[:2]]
+    batch = run_rollouts(sampler, model, envs, tok, params=PARAMS, config=config, rng=jax.random.key(3))
+    for ep in batch.episodes:
+        assert ep.overlong and ep.num_turns == 0 and len(ep.token_ids) == 95 and sum(ep.loss_mask) == 0
+        assert ep.record.termination == "max_tokens"
+    assert batch.pack(max_len=96)["input_ids"].shape == (2, 96)
+
+
 def test_reasoning_envs_roll_out_the_same_way(tok, policy):
     """The reasoning env (nudges as user turns, parse errors as tool turns) through the same loop."""
     from agq_jax.envs.reasoning import make_reasoning_env, score_reasoning

@@ -261,10 +261,12 @@ def _run(sampler, model, envs, tok, params, config, rng, group_ids, score_fn, po
     for row, msgs in zip(rows, first_messages):
         tools = None if row.env.embed_tools else (row.env.tool_schemas or None)
         prompt = qtok.encode_chat(tok, msgs, tools, add_generation_prompt=True, enable_thinking=config.enable_thinking)
+        too_long = len(prompt) >= config.max_len  # no room to reply: an overlong episode holding the prompt's
+        prompt = prompt[:config.max_len - 1]       # first tokens (no loss on them; batches keep max_len)
         row.add_env_tokens(prompt)
         row.prompt_len = len(prompt)
         row.limit = min(config.max_len, len(prompt) + (config.max_response_tokens or config.max_len))
-        if len(prompt) >= config.max_len:
+        if too_long:
             _finish_env(row.env, Termination.MAX_TOKENS)
             row.end(OVERLONG, overlong=True)
 
