@@ -426,10 +426,11 @@ class Driver:
         if self.teachers is None:
             return {}
         now, out = self.teachers.stats_dict(), {}
-        for role, st in now.items():
-            prev = self._teacher_seen.get(role, {})
-            out[f"teachers/{role}/calls"] = float(st["calls"] - prev.get("calls", 0))
-            out[f"teachers/{role}/errors"] = float(sum(st["errors"].values()) - sum(prev.get("errors", {}).values()))
+        for role in sorted(self.teachers.endpoints):  # every configured role, called or not (same keys each step)
+            st, prev = now.get(role, {}), self._teacher_seen.get(role, {})
+            out[f"teachers/{role}/calls"] = float(st.get("calls", 0) - prev.get("calls", 0))
+            out[f"teachers/{role}/errors"] = float(sum(st.get("errors", {}).values())
+                                                   - sum(prev.get("errors", {}).values()))
         self._teacher_seen = now
         return out
 
