@@ -16,7 +16,7 @@ Every layout also has a `cpu-smoke` variant (`--config=configs/NAME.py:cpu-smoke
 `cpu-smoke@LAYOUT`): the same recipe and code path at toy size on 8 forced CPU devices — a random model of
 the same family written as an HF checkpoint and loaded through model.hf_path, the real Qwen3 tokenizer,
 every teacher role served by the scripted loopback teacher, the layout's mesh axes shrunk onto 8 devices,
-2 rounds x 2 steps. Only the fields in SMOKE_FIELDS differ from the real layout (tests/test_cpu_smoke.py).
+2 rounds x 2 steps. Only the fields in SMOKE_FIELDS differ from the real layout (tests/test_configs.py).
 """
 from __future__ import annotations
 

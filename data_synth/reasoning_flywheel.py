@@ -167,12 +167,13 @@ async def build_reasoning(cfg, round_idx: int, failures: list | None, client, st
         client.has_role(r) for r in solver_roles)
     procedural_failed = [p for p in failed if not use_teacher or p.kind == "multihop"]
     teacher_failed = [p for p in failed if use_teacher and p.kind != "multihop"]
-    common = dict(stage_dir=stage_dir, client=client, concurrency=int(cfg.concurrency),
-                  max_attempts=int(cfg.max_attempts), progress=progress)
+    common = dict(stage_dir=stage_dir, client=client, concurrency=cfg.concurrency,
+                  max_attempts=cfg.max_attempts, progress=progress)
+    harder_n = cfg.harder_per_failure  # bound before the branches: whether a round has such failures is chance
     if procedural_failed:
         out, rej, st = await run_stage(
             "reasoning/harder", [{"id": p.id, "problem": p.model_dump()} for p in procedural_failed],
-            lambda it, ctx: _harder(it, ctx, round_idx=round_idx, n=int(cfg.harder_per_failure)), **common)
+            lambda it, ctx: _harder(it, ctx, round_idx=round_idx, n=harder_n), **common)
         problems += out
         rejections += rej
         stats.append(st)

@@ -8,6 +8,8 @@
   2 rounds x 2 steps. The 30B-A3B run directory, rolled back to what a kill right after the step-4 checkpoint
   leaves (mid round 1), resumes to the same metrics as the uninterrupted run. Each round's export loads in
   transformers with logits equal to ours.
+- configs/0_6b.py:cpu-smoke (tied embeddings, the v6e-8 layout's fsdp 4 x tensor 2) and
+  configs/235b_a22b.py:cpu-smoke: the same entry point for one round of one step, export checked likewise.
 - Knob coverage: over these runs, every knob of the run config (agq_jax/run_config) is read by something.
 
 The runs share one XLA compilation cache, so a re-run (the resume) recompiles nothing.
@@ -161,6 +163,27 @@ def test_8b_cpu_smoke_runs_the_recipe(smoke_8b):
     run_dir, out = smoke_8b
     cfg, _ = _check_smoke_run(run_dir, out, "qwen3")
     assert cfg["rl"]["policy_loss"] == "ppo_clip" and (cfg["mesh"]["fsdp"], cfg["mesh"]["tensor"]) == (2, 4)
+
+
+@pytest.mark.parametrize("name, family, mesh", [("0_6b", "qwen3", (4, 2)), ("235b_a22b", "qwen3_moe", (2, 4))])
+def test_other_full_size_configs_cpu_smoke_one_round(work, name, family, mesh):
+    """The other two shipped full-size configs through the same entry point, one round of one GRPO step
+    (the two-round behaviour, resume and coverage are the 30B-A3B / 8B runs'): data from the teachers,
+    the layout's mesh, the recipe's loss, an export transformers loads with our logits."""
+    d, env = work
+    run_dir = d / name
+    out = train(env, f"--config=configs/{name}.py:cpu-smoke", f"--config.run_dir={run_dir}", "--config.rounds=1",
+                "--config.rl.steps_per_round=1")
+    assert set(out["evals"]) == {"round0"}
+    assert [r["kind"] for r in records(run_dir)] == ["grpo", "eval"]
+    cfg = json.load(open(run_dir / "config.json"))
+    assert (cfg["mesh"]["fsdp"], cfg["mesh"]["tensor"]) == mesh
+    assert cfg["rl"]["policy_loss"] == ("gspo" if family == "qwen3_moe" else "ppo_clip")
+    hf = json.load(open(run_dir / "random_init" / "config.json"))
+    assert hf["model_type"] == family and hf["tie_word_embeddings"] == (name == "0_6b")
+    man = json.load(open(run_dir / "data" / "round_0" / "manifest.json"))
+    assert man["mode"] == "teacher" and man["counts"]["agentic"] > 0
+    _logits_match(str(run_dir / "export" / "round_0"))
 
 
 def _logits_match(export_dir):
