@@ -176,14 +176,15 @@ def test_8b_cpu_smoke_runs_the_recipe(smoke_8b):
 def test_other_full_size_configs_cpu_smoke_one_round(work, name, family, mesh):
     """The other two shipped full-size configs through the same entry point, one round of one GRPO step
     (the two-round behaviour, resume and coverage are the 30B-A3B / 8B runs'): data from the teachers,
-    the layout's mesh, the recipe's loss, an export transformers loads with our logits."""
+    the layout's mesh, the recipe's loss (and 0_6b's SFT warm-up), an export transformers loads with our logits."""
     d, env = work
     run_dir = d / name
     out = train(env, f"--config=configs/{name}.py:cpu-smoke", f"--config.run_dir={run_dir}", "--config.rounds=1",
                 "--config.rl.steps_per_round=1")
-    assert set(out["evals"]) == {"round0"}
-    assert [r["kind"] for r in records(run_dir)] == ["grpo", "eval"]
     cfg = json.load(open(run_dir / "config.json"))
+    sft = cfg["sft"]["steps"] if cfg["sft"]["enabled"] else 0  # 0_6b's recipe starts with an SFT warm-up
+    assert set(out["evals"]) == {"round0"} | ({"round0_sft"} if sft else set())
+    assert [r["kind"] for r in records(run_dir)] == ["sft"] * sft + ["eval"] * bool(sft) + ["grpo", "eval"]
     assert (cfg["mesh"]["fsdp"], cfg["mesh"]["tensor"]) == mesh
     assert cfg["rl"]["policy_loss"] == ("gspo" if family == "qwen3_moe" else "ppo_clip")
     hf = json.load(open(run_dir / "random_init" / "config.json"))
