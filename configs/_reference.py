@@ -20,9 +20,9 @@ every teacher role served by the scripted loopback teacher, the layout's mesh ax
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, NamedTuple
 
+from agq_jax.envs import sources
 from agq_jax.run_config import defaults
 
 # ---- reference numbers -------------------------------------------------------------------------------
@@ -46,17 +46,13 @@ TEACHER_MODEL = "qwen3-235b-a22b"   # Qwen3-235B-A22B(-Instruct-2507): synthesiz
 DUAL_CLIP_C = 10.0                  # the reference's clip_ratio_c
 REFERENCE_GATES = ("no_forbidden", "tool_response", "clean_end")   # + its gate: a tool response and a clean end
 
-# The released AgenticQwen demo tasks live in shared/ beside the repository (or $AGQ_SHARED); without them the
-# run trains on the flywheel's tasks alone.
-_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
-DEMO_TASKS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "tool_use_demo.json"))
-TASK_FILES = (DEMO_TASKS,) if os.path.isfile(DEMO_TASKS) else ()
+# The released AgenticQwen demo tasks live in shared/ beside the repository (or $AGQ_SHARED: envs.sources'
+# one lookup); without them the run trains on the flywheel's tasks alone.
+TASK_FILES = tuple(filter(None, [sources.released_file(sources.DEMO_TASKS)]))
 
 # The paper's 5K personas seed the agentic flywheel: the release beside the repository (or under $AGQ_SHARED),
 # else data_synth.personas' built-in set.
-_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
-PERSONAS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "persona_5K.jsonl"))
-PERSONAS = PERSONAS if os.path.isfile(PERSONAS) else ""
+PERSONAS = sources.released_file(sources.PERSONAS) or ""
 PERSONAS_PER_ROUND = 16
 
 

@@ -6,16 +6,12 @@ with the scripts in launch/, then:
 `python -m data_synth.run --config=configs/synth_sglang.py --round=0`
 Override on the command line, e.g. `--config.teachers.default.base_url=http://host:30000/v1`.
 """
-import os
-
+from agq_jax.envs import sources
 from agq_jax.run_config import defaults
 
-# The paper's 5K personas live in shared/ beside the repository (or $AGQ_SHARED); resolved from this file, not
-# the working directory. Without them the built-in personas seed stage 1 ("" = data_synth.personas).
-_SHARED = os.environ.get("AGQ_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
-PERSONAS = os.path.normpath(os.path.join(_SHARED, "data", "agenticqwen", "persona_5K.jsonl"))
-if not os.path.isfile(PERSONAS):
-    PERSONAS = ""
+# The paper's 5K personas live in shared/ beside the repository (or $AGQ_SHARED): envs.sources' one lookup.
+# Without them the built-in personas seed stage 1 ("" = data_synth.personas).
+PERSONAS = sources.released_file(sources.PERSONAS) or ""
 
 
 def get_config():
