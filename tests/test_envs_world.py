@@ -35,14 +35,7 @@ def chats(client):
 
 
 def _play(world, task, replies):
-    env = world.make_env(task, tool_cache=SharedToolCache())
-    env.reset()
-    for r in replies:
-        if env.step(r).done:
-            break
-    if not env.done:
-        env.finish("max_agent_turns")
-    return env
+    return probes.play(world.make_env(task, tool_cache=SharedToolCache()), replies)
 
 
 def test_spec_and_teachers_are_checked():

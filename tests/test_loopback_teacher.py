@@ -66,14 +66,7 @@ def _paper_world_plays(tasks: list[Task], base_url: str) -> None:
                       TeacherChats(*(c.as_callable(r) for r in roles)), JudgeCache())
 
         def play(task, replies):
-            env = world.make_env(task)
-            env.reset()
-            for r in replies:
-                if env.step(r).done:
-                    break
-            if not env.done:
-                env.finish("max_agent_turns")
-            return env.reward()
+            return probes.play(world.make_env(task), replies).reward()
 
         for t in tasks:
             gold = play(t, world.gold_replies(t))

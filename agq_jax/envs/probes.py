@@ -77,13 +77,19 @@ def run_probe(task: Task, kind: str, protocol: str = "plain", config: Optional[R
                        protocol=protocol, reward_config=world.reward_config, judge=world.judge)
     else:
         env = world.make_env(task, tool_cache=SharedToolCache())
+    play(env, replies)
+    return env.reward(), env.record
+
+
+def play(env, replies):
+    """Play fixed agent replies through `env` from reset to the end (or the turn limit); returns `env`."""
     env.reset()
     for r in replies:
         if env.step(r).done:
             break
     if not env.done:
         env.finish("max_agent_turns")
-    return env.reward(), env.record
+    return env
 
 
 def probe_table(tasks: list[Task], protocol: str = "plain", config: Optional[RewardConfig] = None,
