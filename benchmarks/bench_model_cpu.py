@@ -7,7 +7,11 @@ Sampler passes them — on CPU split per layer, `qwen3.split_layer_stacks`; tran
 The two sides are timed alternately (--repeats each, same thread count: torch's intra-op threads = the cores
 XLA:CPU uses); the ratio is of the best times, and the spread (median / best) of each side is printed too.
 A ratio on one CPU does not carry to another (oneDNN/MKL vs XLA:CPU kernels differ per ISA), so every line
-states the CPU model, its vector ISA flags and the thread counts.
+states the CPU model, its vector ISA flags, both sides' thread counts and the scheduling of the process.
+Run it on an idle host: with other processes on the cores, torch's OpenMP threads (libgomp) stall at each
+barrier and transformers gets 10-20x slower at 2 threads while XLA:CPU loses far less, which inflates the
+ratio. On a shared host `chrt -f 1 python benchmarks/bench_model_cpu.py ...` gives the process the cores for
+its ~1 minute (real-time class; the kernel still leaves others 5%); the table warns when the host was busy.
 Prints one JSON line per measurement, then a table with the ratio agq_jax / transformers (target >= 1.0).
 
 Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batches 1 8] [--moe [--moe-impl tiled]]
@@ -51,7 +55,7 @@ def build(args, out_dir):
 
 
 def cpu_info() -> dict:
-    """CPU model, vector ISA flags and thread counts: what a CPU ratio depends on."""
+    """CPU model, vector ISA flags, thread counts and scheduling: what a CPU ratio depends on."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -64,10 +68,25 @@ def cpu_info() -> dict:
     except OSError:
         pass
     isa = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ("f16c", "sse4_2"))
-    return {"cpu": model, "isa": " ".join(isa), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    policy = {os.SCHED_OTHER: "other", os.SCHED_FIFO: "fifo", os.SCHED_RR: "rr"}.get(os.sched_getscheduler(0), "?")
+    return {"cpu": model, "isa": " ".join(isa), "amx": any(f.startswith("amx") for f in flags),
+            "cpus": os.cpu_count(),
+            # XLA:CPU sizes its intra-op pool to the schedulable CPUs, torch's OpenMP default is the same count
+            "xla_threads": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "torch_version": torch.__version__,
+            "jax_version": jax.__version__, "transformers_version": transformers.__version__,
             "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
             "torch_onednn": torch.backends.mkldnn.is_available(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "jax_backend": jax.default_backend(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "jax_backend": jax.default_backend(), "sched": policy, "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+LOADED_WARNING = (
+    "WARNING: the host was busy (1-min load {load} on {cpus} cpus before the run, scheduling {sched}).\n"
+    "Under competing load torch's OpenMP threads stall at every barrier (measured 10-20x slower at 2 threads\n"
+    "on a 2-core Xeon), so the ratio flatters agq_jax. Measure on an idle host, or give this process the\n"
+    "cores: `chrt -f 1 python ...`.")
 
 
 def best_of_pair(fn_a, fn_b, repeats):
@@ -141,6 +160,8 @@ def main():
     global SPLIT
     SPLIT = SPLIT and not args.no_split
     load0 = round(os.getloadavg()[0], 2)
+    if torch.get_num_threads() != len(os.sched_getaffinity(0)):
+        print(f"note: torch uses {torch.get_num_threads()} threads, XLA:CPU {len(os.sched_getaffinity(0))}")
 
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build(args, tmp)
@@ -184,8 +205,13 @@ def main():
                           "agq_median_over_best": round(float(np.median(t_agq) / min(t_agq)), 3),
                           "transformers_median_over_best": round(float(np.median(t_hf) / min(t_hf)), 3),
                           "repeats": len(t_agq), "split_layer_weights": SPLIT, **model, **env}))
-    print(f"\n{env['cpu']} ({env['cpus']} cpus; torch threads {env['torch_threads']}; load {env['load_avg_1m']})"
-          f"\nISA: {env['isa']}")
+    print(f"\n{env['cpu']} ({env['cpus']} cpus; threads xla {env['xla_threads']} / torch {env['torch_threads']}; "
+          f"load {env['load_avg_1m_start']} -> {env['load_avg_1m']}; sched {env['sched']}, nice {env['nice']})"
+          f"\nISA: {env['isa']}{'' if env['amx'] else ' (no AMX)'}\njax {env['jax_version']}, torch "
+          f"{env['torch_version']} ({env['torch_blas']}), transformers {env['transformers_version']}"
+          f"{'; XLA_FLAGS ' + env['xla_flags'] if env['xla_flags'] else ''}")
+    if env["sched"] == "other" and load0 > 0.5:  # the load before our own threads ran
+        print(LOADED_WARNING.format(load=load0, cpus=env["cpus"], sched=env["sched"]))
     print(f"\n{'phase':<8} {'batch':>5} {'agq_jax tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} "
           f"{'ratio of medians':>17} {'spread agq / hf':>16}")
     for phase, batch, tokens, t_agq, t_hf in rows:
