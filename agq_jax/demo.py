@@ -127,9 +127,9 @@ def main() -> int:
         shrink(cfg)
     cfg.run_dir = os.environ.get("AGQ_DEMO_RUN_DIR", str(ROOT / "runs" / "tiny_demo"))
     rc = RunConfig.from_configdict(cfg)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     result = Driver(rc).run()
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     spread = {} if os.environ.get("AGQ_DEMO_SMALL") else seed_spread(rc.model.attention_impl)
     print("\n" + comparison_table(result["evals"], spread=spread))
     print(f"({rc.data.heldout_tasks} held-out tasks, same tasks and seeds for both columns. greedy_*: one greedy "
@@ -139,7 +139,8 @@ def main() -> int:
         print(f"(Right: mean ± std over seeds of the same config, attention_impl={rc.model.attention_impl}, from "
               f"{BENCHMARK_FIGURES.relative_to(ROOT)} (benchmarks/bench_learning.py); this run is seed {rc.seed}. "
               f"A column outside about 2 std of its mean is a finding, not noise.)")
-    print(f"\nflywheel wall time: {wall:.0f}s; export: {result['export']}")
+    print(f"\nflywheel wall time: {wall:.0f}s (CPU time {cpu:.0f}s over {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}); export: {result['export']}")
     print("\n" + chat_with_export(result["export"], rc))
     return 0
 

@@ -85,6 +85,13 @@ def stop_step(cfg, where: str | None) -> int:
     return n if where == "sft" else n + int(cfg.rl.steps_per_round) + 1
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_node(out: pathlib.Path, impl: str, seed: int, node: str, base: dict, log) -> dict:
     """Run (or skip, or resume) one node; returns its bench_done.json record."""
     ndir = out / impl / f"s{seed}" / node
@@ -108,7 +115,7 @@ def run_node(out: pathlib.Path, impl: str, seed: int, node: str, base: dict, log
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache"))  # later processes skip the compiles
     ndir.mkdir(parents=True, exist_ok=True)
     log(f"[{impl} s{seed} {node}] {' '.join(cmd[2:])}")
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu_s()
     with open(ndir / "train.log", "a") as f:
         rc = subprocess.call(cmd, cwd=str(ROOT), env=env, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
@@ -120,7 +127,8 @@ def run_node(out: pathlib.Path, impl: str, seed: int, node: str, base: dict, log
             if rec["kind"] == "eval":
                 evals[rec["tag"]] = rec["metrics"]
     rec = {"impl": impl, "seed": seed, "node": node, "overrides": overrides, "evals": evals,
-           "wall_s": time.time() - t0}  # this node only (its parents' time is in their records)
+           "wall_s": time.time() - t0,  # this node only (its parents' time is in their records)
+           "cpu_s": _children_cpu_s() - cpu0}  # CPU seconds (user + sys): the cost on a shared, loaded host
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
     os.replace(tmp, done)
@@ -128,12 +136,13 @@ def run_node(out: pathlib.Path, impl: str, seed: int, node: str, base: dict, log
 
 
 def node_walls(out: pathlib.Path, args) -> dict:
-    """Wall seconds of every finished node (the cost of the benchmark, and of one demo-sized run)."""
+    """Wall and CPU seconds of every finished node (the cost of the benchmark, and of one demo-sized run)."""
     walls = {}
     for p in sorted(out.glob("*/s*/*/bench_done.json")):
         rec = json.loads(p.read_text())
         if rec["seed"] in args.seeds:
-            walls.setdefault(f"{rec['impl']}/{rec['node']}", []).append(round(rec["wall_s"], 1))
+            walls.setdefault(f"{rec['impl']}/{rec['node']}", []).append(
+                {"wall_s": round(rec["wall_s"], 1), "cpu_s": round(rec.get("cpu_s", float("nan")), 1)})
     return walls
 
 

@@ -190,6 +190,9 @@ def test_optimizer_schedule_clipping_and_decay_mask():
     assert float(sched(110)) == pytest.approx(1e-4, rel=1e-5)
     lin = make_schedule(OptimConfig(learning_rate=1.0, decay="linear", total_steps=4))
     assert [float(lin(i)) for i in range(5)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    # wsd: warmup, the full rate until the last 20% of the post-warmup steps, then linear to the floor
+    wsd = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=10, decay="wsd", total_steps=110))
+    assert [float(wsd(i)) for i in (5, 10, 50, 90, 95, 100, 110)] == pytest.approx([0.5, 1, 1, 1, 0.75, 0.5, 0])
     with pytest.raises(ValueError, match="decay"):
         OptimConfig(decay="step")
     params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}

@@ -1,4 +1,4 @@
-"""Optimizer: optax AdamW with linear warmup, cosine / constant / linear decay and global-norm clipping.
+"""Optimizer: optax AdamW with linear warmup, cosine / constant / linear / wsd decay and global-norm clipping.
 
 Mixed precision is a model choice: build the model with `param_dtype=float32, dtype=bfloat16` and the
 optimizer moments and master weights stay fp32 while matmuls run in bf16; `mu_dtype` can shrink the
@@ -13,11 +13,20 @@ import jax.numpy as jnp
 import optax
 
 
+from agq_jax.run_config.schema import DECAYS  # noqa: E402  (one list of schedule names, no jax import there)
+
+# "wsd" (warmup-stable-decay): the full rate until the last WSD_DECAY_FRACTION of the steps, then linear to
+# the floor. Why: a phase change that happens late in training (the tiny demo model learning to copy ids,
+# somewhere between SFT steps ~150 and ~350 depending on the seed) still gets the full rate, where a cosine
+# has already decayed it and freezes the run half-way.
+WSD_DECAY_FRACTION = 0.2
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 1e-6
     warmup_steps: int = 0
-    decay: str = "constant"           # "constant" | "cosine" | "linear"
+    decay: str = "constant"           # "constant" | "cosine" | "linear" | "wsd" (see WSD_DECAY_FRACTION)
     total_steps: int = 1000           # optimizer steps, for cosine / linear decay
     min_lr_ratio: float = 0.0         # final lr = learning_rate * min_lr_ratio
     b1: float = 0.9
@@ -28,8 +37,8 @@ class OptimConfig:
     mu_dtype: str | None = None        # e.g. "bfloat16"; None = param dtype
 
     def __post_init__(self):
-        if self.decay not in ("constant", "cosine", "linear"):
-            raise ValueError(f"OptimConfig.decay must be constant|cosine|linear, got {self.decay!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"OptimConfig.decay must be one of {DECAYS}, got {self.decay!r}")
         if self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError(f"OptimConfig: need warmup_steps >= 0 and total_steps > 0, got "
                              f"{self.warmup_steps} / {self.total_steps}")
@@ -45,6 +54,10 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         after = optax.constant_schedule(lr)
     elif cfg.decay == "cosine":
         after = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.decay == "wsd":
+        tail = max(int(round(decay_steps * WSD_DECAY_FRACTION)), 1)
+        after = optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, end, tail)],
+                                     [decay_steps - tail])
     else:
         after = optax.linear_schedule(lr, end, decay_steps)
     if cfg.warmup_steps == 0:

@@ -145,7 +145,7 @@ class EnvSection(Section):
         _positive("env.max_user_turns", self.max_user_turns, zero_ok=True)
 
 
-DECAYS = ("constant", "cosine", "linear")
+DECAYS = ("constant", "cosine", "linear", "wsd")  # rl.optim.make_schedule (wsd: full rate, linear in the last 20%)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ class SFTSection(Section):
     micro_batch_rows: int = 0            # rows per forward/backward; 0 = the whole batch
     learning_rate: float = 1e-5
     warmup_steps: int = 0
-    decay: str = "constant"              # after warmup: constant | cosine | linear
+    decay: str = "constant"              # after warmup: constant | cosine | linear | wsd
     data: str = "round"                  # round (gold episodes of the round's dataset) | procedural (fresh tasks)
     loss_on: str = "policy"              # policy (agent tokens) | all (whole transcript: random-init warm start)
     loss_agg: str = "token-mean"         # rl.algo.AGGREGATIONS
