@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Two workers: subprocess-heavy tests (teacher server, multi-process, resume-after-kill) overlap with compute.
-PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
+# loadfile: a test file's tests share one worker, so a module-scoped fixture (a whole training run) is built
+# once. (loadgroup does not group under pytest 9.2 + pytest-xdist 3.8: xdist renames item._nodeid, which
+# pytest 9.2 no longer reads, so every module fixture was built on both workers.)
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 
 .PHONY: demo test install clean bench aot tpu-venv
 

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_learning  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("heavy_subprocess")
 
 
 def _bench(*args):

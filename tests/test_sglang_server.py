@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# One server per module: under pytest-xdist, `--dist loadgroup` keeps these tests on one worker.
-pytestmark = [pytest.mark.sglang, pytest.mark.xdist_group("sglang")]
+# One server per module: `make test` runs with `--dist loadfile`, which keeps these tests on one worker.
+pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_VENV = REPO / ".venv-sglang"

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("train_entry")  # one worker: the module's runs are shared fixtures
 
 TINY = [
     "--config.rounds=2", "--config.sft.steps=2", "--config.sft.batch_size=2", "--config.rl.steps_per_round=1",
