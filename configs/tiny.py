@@ -1,4 +1,4 @@
-"""The embedded default behind `make demo`: the whole flywheel on a 2-core CPU in about 12 minutes.
+"""The embedded default behind `make demo`: the whole flywheel on a 2-core CPU in 12-15 minutes.
 
 Procedural worlds at difficulty level 0 (offline, no teacher), a tiny Qwen3 (hidden 128, 2 layers), an SFT
 warm start on gold trajectories of fresh procedural tasks, then GRPO rounds with flywheel expansion (failed
