@@ -176,12 +176,6 @@ def _update(spec: _Spec, state: TrainState, mini: dict, n_micro: int, stage: str
     stats["grad_norm"] = optax.global_norm(grads)
     stats["lr"] = make_schedule(spec.optim)(state.step)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    # A mini-batch without a loss token (every group in it masked, e.g. zero-variance groups) is not a step:
-    # its gradient is zero, but AdamW would still move the weights by its decayed momentum (and weight decay)
-    # and advance the schedule. Keep the state as it was; the step still runs, so every mini-batch has one cost.
-    live = mask_all.sum() > 0
-    new = jax.tree.map(lambda n, o: jnp.where(live, n, o), new, state)
-    stats["skipped"] = 1.0 - live.astype(jnp.float32)
     return new, stats
 
 
@@ -378,9 +372,7 @@ def _summarise(records: list[dict], stage: str) -> dict[str, float]:
     out = {"loss": float(np.mean([r["loss"] for r in records])),
            "grad_norm": float(np.mean([r["grad_norm"] for r in records])),
            "grad_norm_max": float(np.max([r["grad_norm"] for r in records])),
-           "lr": float(records[-1]["lr"]), "tokens": tok,
-           "optimizer_steps": float(sum(1.0 - float(r["skipped"]) for r in records)),
-           "skipped_steps": float(sum(float(r["skipped"]) for r in records)),  # mini-batches with no loss token
+           "lr": float(records[-1]["lr"]), "tokens": tok, "optimizer_steps": float(len(records)),
            "entropy": float(sum(float(r["entropy_sum"]) for r in records) / max(tok, 1.0)),
            "aux_loss": float(np.mean([r["aux_loss"] for r in records]))}
     if stage == "sft":
