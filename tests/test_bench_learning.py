@@ -15,7 +15,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_learning  # noqa: E402
 
 
-
 def _bench(*args):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), *args], cwd=str(ROOT),
                           capture_output=True, text=True, timeout=1800)

@@ -12,8 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 import optax
 
-
-from agq_jax.run_config.schema import DECAYS  # noqa: E402  (one list of schedule names, no jax import there)
+from agq_jax.run_config.schema import DECAYS  # the one list of schedule names (the run config validates with it)
 
 # "wsd" (warmup-stable-decay): the full rate until the last WSD_DECAY_FRACTION of the steps, then linear to
 # the floor. Why: a phase change that happens late in training (the tiny demo model learning to copy ids,

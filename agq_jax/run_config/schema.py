@@ -145,7 +145,7 @@ class EnvSection(Section):
         _positive("env.max_user_turns", self.max_user_turns, zero_ok=True)
 
 
-DECAYS = ("constant", "cosine", "linear", "wsd")  # rl.optim.make_schedule (wsd: full rate, linear in the last 20%)
+DECAYS = ("constant", "cosine", "linear", "wsd")  # rl.optim.make_schedule (wsd: see WSD_DECAY_FRACTION)
 
 
 @dataclasses.dataclass(frozen=True)
