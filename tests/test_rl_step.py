@@ -134,6 +134,20 @@ def test_grad_accumulation_and_minibatches_match_full_batch(dense):
     m = tr.train_batch(with_sampler_logprobs(tr, base))
     assert m["optimizer_steps"] == 4 and int(tr.state.step) == 4
     assert m["lr"] == pytest.approx(float(make_schedule(tr.optim_cfg)(3)))
+    # a mini-batch with no loss token (all its groups masked) is not an optimizer step: AdamW's momentum from
+    # the steps before would otherwise keep moving the weights on a zero gradient
+    after = [np.asarray(x) for x in jax.tree.leaves(tr.state.params)]  # (the trainer donates its state)
+    masked = dict(with_sampler_logprobs(tr, base), loss_mask=np.zeros_like(base["loss_mask"]))
+    m = tr.train_batch(masked)
+    assert m["optimizer_steps"] == 0 and m["skipped_steps"] == 4 and int(tr.state.step) == 4
+    for a, b in zip(after, jax.tree.leaves(tr.state.params)):
+        np.testing.assert_array_equal(a, b)
+    rows = np.arange(len(base["loss_mask"]))[:, None]
+    half = dict(masked, loss_mask=np.where(rows < 2, base["loss_mask"], 0))  # live rows 0-1 of 8
+    m = tr.train_batch(half)
+    assert m["optimizer_steps"] + m["skipped_steps"] == 4 and int(tr.state.step) == 4 + m["optimizer_steps"]
+    assert m["optimizer_steps"] >= 2   # each epoch's shuffle puts the live rows in one or both mini-batches
+    assert m["tokens"] == 2 * float((base["loss_mask"][:2] * base["attention_mask"][:2])[:, 1:].sum())
     with pytest.raises(ValueError, match="not a multiple of mini_batch_size"):
         Trainer(nnx.clone(dense), OPT, LOSS, StepConfig(mini_batch_size=3)).train_batch(
             with_sampler_logprobs(tr, base))

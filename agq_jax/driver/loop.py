@@ -29,6 +29,7 @@ from agq_jax.driver.sft import build_sft_examples, procedural_sft_examples, sft_
 from agq_jax.driver.vocab import load_run_tokenizer
 from agq_jax.tokenizer import SpecialIds
 from agq_jax.envs.rewards import SUCCESS_THRESHOLD
+from agq_jax.envs.runtime import Termination
 from agq_jax.envs.tools import SharedToolCache
 from agq_jax.rl.batch import collate
 from agq_jax.run_config import RunConfig, dump
@@ -359,7 +360,7 @@ class Driver:
         g, need = rl.group_size, rl.tasks_per_step
         params = self.policy.sampling()
         t_roll = time.time()
-        valid, dropped, all_eps, fams, n_groups = [], [], [], [], 0
+        valid, dropped, all_eps, fams, n_groups, n_error = [], [], [], [], 0, 0
         ask, refills = need, 0
         while True:
             items = self._draw(r, streams, have, ask)
@@ -373,6 +374,13 @@ class Driver:
                 eps = batch.episodes[i * g:(i + 1) * g]
                 rewards = np.asarray([e.reward for e in eps], np.float32)
                 n_groups += 1
+                # An episode the environment ended (a teacher outage, a tool backend's bug) says nothing about
+                # the policy: its group is neither a flywheel failure nor a training signal (masked like a
+                # zero-variance group, refilled under dynamic sampling).
+                if any(e.termination == Termination.ERROR for e in eps):
+                    n_error += 1
+                    dropped.append(eps)
+                    continue
                 self._note_failure(it, eps, rewards)
                 shaped = np.asarray(algo.training_reward(rl.reward, rewards, success_threshold=SUCCESS_THRESHOLD))
                 keep = not rl.dynamic_sampling or not bool(algo.zero_variance_groups(shaped[None])[0])
@@ -406,7 +414,8 @@ class Driver:
         out = RolloutBatch(all_eps).metrics()
         out.update({f"train/{k}": v for k, v in stats.items()})
         gen_tokens = sum(e.num_policy_tokens for e in all_eps)
-        out.update({"grpo/zero_variance_frac": (n_groups - len(valid)) / max(n_groups, 1),
+        out.update({"grpo/zero_variance_frac": (n_groups - n_error - len(valid)) / max(n_groups, 1),
+                    "grpo/error_groups": float(n_error),
                     "grpo/valid_groups": float(n_valid), "grpo/refills": float(refills),
                     "grpo/groups_sampled": float(n_groups), "rollout/reward_std": float(np.std([e.reward for e in all_eps])),
                     "rollout/success_rate": float(np.mean([e.reward >= SUCCESS_THRESHOLD for e in all_eps])),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agq_jax.models.sharding import state_shardings
@@ -326,17 +327,41 @@ class Trainer:
             batch.pop("ref_logprobs", None)
         step0 = int(self.state.step)
         epochs = sc.ppo_epochs if stage == "grpo" else 1
-        records = []
+        records, skipped = [], 0
         with self._mesh_ctx():
             dev = self.to_device(batch)
             b_global = dev["input_ids"].shape[0]
+            live = _global_row_sums(_row_loss_tokens(dev)) > 0   # the same on every process
             for epoch in range(epochs):
                 idx_list, n_micro = self._minibatch_plan(b_global, epoch, step0)
                 for idx in idx_list:
+                    # A mini-batch without a loss token (all its groups masked: zero variance, an env error)
+                    # is not a step: its gradient is zero, but AdamW would still move the weights by its
+                    # decayed momentum and weight decay, and the schedule would advance. Decided here on the
+                    # host, so the compiled step has no data-dependent select around its collectives.
+                    if not live[idx].any():
+                        skipped += 1
+                        continue
                     mini = _take_rows(dev, jnp.asarray(idx, jnp.int32), self._row_sharding)
                     self.state, stats = self._update(self._spec, self.state, mini, n_micro, stage)
                     records.append(stats)
-        return _summarise(jax.device_get(records), stage)
+        if not records:
+            return {"optimizer_steps": 0.0, "skipped_steps": float(skipped), "tokens": 0.0,
+                    "lr": float(self.schedule(int(self.state.step)))}
+        return {**_summarise(jax.device_get(records), stage), "skipped_steps": float(skipped)}
+
+
+@jax.jit
+def _row_loss_tokens(batch: dict) -> jax.Array:
+    """Loss tokens per row [B], as the step's mask counts them."""
+    return _policy_mask(batch).sum(axis=1)
+
+
+def _global_row_sums(x: jax.Array) -> np.ndarray:
+    """A batch-sharded [B] array, whole on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @functools.partial(jax.jit, static_argnums=2)
