@@ -19,7 +19,8 @@ Resumable: every node writes <out>/<impl>/s<seed>/<node>/bench_done.json when it
 finished nodes and resumes a killed one from its checkpoints (the driver resumes exactly).
 
 Output: one JSON line per (attention, arm, round, group, metric) mean/std/n, paired differences, then tables;
---summary FILE writes everything as one JSON (docs/learning_benchmark.json is the committed one).
+--summary FILE writes everything as one JSON (docs/learning_benchmark.json is the committed one); --prior FILE
+takes the per-seed values of an earlier summary for seeds whose runs are not under --out.
 
 Usage: nice -n 10 python benchmarks/bench_learning.py --seeds 0 1 2 3 4 --attention auto xla [--out runs/learning]
        python benchmarks/bench_learning.py --small --seeds 0 1 --out /tmp/lb   # a few-step version (tests)
@@ -207,7 +208,35 @@ def comparisons(results: dict, impls) -> list[dict]:
             st = paired(results, impl, a, b, key, ta, tb)
             if st is not None:
                 rows.append({"attention": impl, "comparison": name, "metric": key, **st})
+    for other in impls[1:]:   # the float perturbation: the same arm and seed under two attention kernels
+        for arm, tag in (("sft", "round0_sft"), ("grpo", "round1")):
+            for key in ("all/greedy_pass@1", "all/pass@1"):
+                A, B = results.get((impls[0], arm), {}), results.get((other, arm), {})
+                d = [A[s][tag][f"eval/{key}"] - B[s][tag][f"eval/{key}"] for s in sorted(set(A) & set(B))]
+                if d:
+                    st = _stats(d)
+                    st.update(positive=int(sum(x > 0 for x in d)),
+                              t=st["mean"] / st["se"] if st["se"] > 0 else float("inf"))
+                    rows.append({"attention": f"{impls[0]}-{other}", "comparison": f"{arm}: kernels",
+                                 "metric": key, **st})
     return rows
+
+
+def prior_results(path: str) -> dict:
+    """results[(impl, arm)][seed] of an earlier run, from its --summary file (per-seed values, 4 digits): lets a
+    report combine seeds measured on another day without their run directories."""
+    s = json.loads(pathlib.Path(path).read_text())
+    seeds, out = s["seeds"], {}
+    for impl, by_arm in s["aggregate"].items():
+        for arm, by_tag in by_arm.items():
+            for tag, by_key in by_tag.items():
+                for key, st in by_key.items():
+                    if len(st["values"]) != len(seeds):
+                        raise ValueError(f"{path}: aggregate/{impl}/{arm}/{tag}/{key} has {len(st['values'])} "
+                                         f"values for seeds {seeds}")
+                    for seed, v in zip(seeds, st["values"]):
+                        out.setdefault((impl, arm), {}).setdefault(seed, {}).setdefault(tag, {})[f"eval/{key}"] = v
+    return out
 
 
 def _cell(st: dict | None) -> str:
@@ -261,7 +290,9 @@ def main(argv=None) -> int:
                     help="extra config overrides for every run (e.g. sft.steps=300)")
     ap.add_argument("--summary", default="", help="write the aggregate as JSON here")
     ap.add_argument("--report-only", action="store_true", help="aggregate finished nodes, run nothing")
+    ap.add_argument("--prior", default="", help="an earlier --summary file: its seeds count where --out has no run")
     args = ap.parse_args(argv)
+    prior = prior_results(args.prior) if args.prior else {}
 
     base = dict(SMALL) if args.small else {}
     for kv in args.set:
@@ -278,6 +309,10 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for arm in arms:
                 node = ARM_NODE[arm]
+                here = (out / impl / f"s{seed}" / node / "bench_done.json").is_file()
+                if seed in prior.get((impl, arm), {}) and not here:
+                    results.setdefault((impl, arm), {})[seed] = prior[(impl, arm)][seed]
+                    continue
                 if args.report_only:
                     p = out / impl / f"s{seed}" / node / "bench_done.json"
                     if not p.is_file():
@@ -301,7 +336,9 @@ def main(argv=None) -> int:
         print(json.dumps({"bench": "learning_paired", **c}))
     print(tables(agg, comps, args.attention, args.arms))
     if args.summary:
+        prior_cmd = json.loads(pathlib.Path(args.prior).read_text())["command"] if args.prior else None
         summary = {"command": "python benchmarks/bench_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "prior_command": prior_cmd,
                    "seeds": args.seeds, "overrides": base, "aggregate": agg, "paired": comps,
                    "wall_s": node_walls(out, args)}
         path = pathlib.Path(args.summary)

@@ -94,3 +94,36 @@ def test_statistics_over_seeds_from_the_records(small_run, tmp_path):
                and r["metric"] == "all/pass@1")
     assert fly["mean"] == pytest.approx(0.04)
     assert bench_learning.ARM_NODE.keys() == set(bench_learning.ARMS)
+
+
+def test_prior_summary_and_the_kernel_perturbation(small_run, tmp_path):
+    """Seeds measured on another day count through their --summary (per-seed values), and the same arm and seed
+    under two attention kernels gives the paired 'kernels' difference."""
+    src, _ = small_run
+    out = tmp_path / "lb"
+    for impl, shift in (("auto", 0.0), ("xla", -0.05)):
+        shutil.copytree(src / "auto" / "s0", out / impl / "s0", ignore=shutil.ignore_patterns("checkpoints"))
+        for node in ("sft", "grpo_r0", "grpo"):
+            p = out / impl / "s0" / node / "bench_done.json"
+            rec = json.loads(p.read_text())
+            for tag, m in rec["evals"].items():
+                m["eval/all/pass@1"] = {"round0_sft": 0.2, "round0": 0.25, "round1": 0.3}[tag] + shift
+            p.write_text(json.dumps(rec))
+    args = ["--seeds", "0", "--arms", "sft", "grpo", "--attention", "auto", "xla", "--report-only"]
+    res = _bench(*args, "--out", str(out), "--summary", str(tmp_path / "first.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the same report from the summary alone (no run directories), to 4 digits
+    res2 = _bench(*args, "--out", str(tmp_path / "empty"), "--prior", str(tmp_path / "first.json"),
+                  "--summary", str(tmp_path / "second.json"))
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    rows = [json.loads(x) for x in res2.stdout.splitlines() if x.startswith("{")]
+    kern = {(r["comparison"], r["metric"]): r for r in rows if r["bench"] == "learning_paired"
+            and r["attention"] == "auto-xla"}
+    assert kern[("grpo: kernels", "all/pass@1")]["mean"] == pytest.approx(0.05, abs=1e-4)
+    assert kern[("sft: kernels", "all/pass@1")]["mean"] == pytest.approx(0.05, abs=1e-4)
+    gain = {r["attention"]: r["mean"] for r in rows if r["bench"] == "learning_paired"
+            and r["comparison"] == "GRPO - SFT" and r["metric"] == "all/pass@1"}
+    assert gain == pytest.approx({"auto": 0.1, "xla": 0.1}, abs=1e-4)
+    first, second = (json.loads((tmp_path / f).read_text()) for f in ("first.json", "second.json"))
+    a, b = first["aggregate"]["xla"]["grpo"]["round1"], second["aggregate"]["xla"]["grpo"]["round1"]
+    assert a.keys() == b.keys() and all(b[k]["mean"] == pytest.approx(a[k]["mean"], abs=1e-4) for k in a)
