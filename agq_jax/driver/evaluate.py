@@ -1,5 +1,5 @@
 """Held-out evaluation: pass@1 from a greedy run and pass@k / pass^k from k samples at temperature,
-per domain and branch type (agq_jax.envs.metrics), plus termination reasons and the failed items.
+per domain and branch type (agq_jax.envs.metrics), plus termination reasons.
 
 The evaluation RNG is a fixed function of the config seed, so two checkpoints (e.g. SFT-only and after
 GRPO) are compared on the same tasks with the same sampling seeds.
@@ -10,7 +10,6 @@ import types
 from collections import Counter
 
 import jax
-import numpy as np
 
 from agq_jax.driver.data import Item, score_env
 
@@ -43,7 +42,7 @@ def rollout_items(policy, items: list[Item], *, params, rng, batch_size: int, re
 
 def evaluate(policy, items: list[Item], ev, seed: int, *, tag: str) -> dict:
     """Metrics of the current policy on `items` under `ev` (the run config's `eval` section); the sampling
-    RNG is a function of `seed` alone. Returns {"greedy", "sampled", "flat", "failures", "tag"}."""
+    RNG is a function of `seed` alone. Returns {"greedy", "sampled", "flat", "tag"}."""
     from agq_jax.envs.metrics import summarize
 
     k = ev.k
@@ -77,14 +76,6 @@ def evaluate(policy, items: list[Item], ev, seed: int, *, tag: str) -> dict:
     n_eps = max(sum(terms.values()), 1)
     flat.update({f"eval/termination/{t}": c / n_eps for t, c in sorted(terms.items())})
     result["flat"] = flat
-    fails = []
-    for idx, it in enumerate(items):
-        rewards = [e.reward for e in (sampled[idx] if sampled else [])]
-        if greedy_on:
-            rewards.append(greedy[idx][0].reward)
-        if rewards and np.mean(rewards) < 1.0:
-            fails.append((it, float(np.mean(rewards))))
-    result["failures"] = fails
     return result
 
 
