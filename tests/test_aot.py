@@ -1,6 +1,8 @@
 """The AOT compiler tool (`python -m agq_jax.aot`): its loop-aware HLO accounting, and its figures for a small
 model of each family compiled for a real TPU topology by libtpu in .venv-tpu: the dense model on one v5e 2x2
-host, the MoE model on a two-host v5p 2x2x2 slice whose rollout copy spans both hosts (rollout groups).
+host, the MoE model on a two-host v5p 2x2x2 slice whose rollout copy spans both hosts (rollout groups); the
+megablox kernels' FLOPs / bytes scaled to a device's expert shard; the search for the largest decode batch
+that fits (`--fit_decode_batch`).
 
 The TPU check runs in a subprocess under .venv-tpu (`make tpu-venv`: .venv plus libtpu); it skips, saying so,
 only when that interpreter is missing and libtpu cannot be installed from the package index.
@@ -257,3 +259,151 @@ def test_every_tpu_layout_builds_its_meshes_on_the_real_topology():
         assert sorted(groups) == list(range(r["hosts"])), (name, r["groups"])  # every host in exactly one group
         assert all(len(g) == r["copy_hosts"] for g in r["groups"]), (name, r["groups"])
         assert r["sub_devices"] == r["devices"] * r["copy_hosts"] // r["hosts"], name
+
+
+def _tpu_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=str(REPO))
+    return env
+
+
+MEGABLOX_SCRIPT = r'''
+import pathlib, sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+from agq_jax.aot import chips
+
+G, M, K, N = [int(a) for a in sys.argv[2:6]]
+mesh = jax.make_mesh((4,), ("expert",), devices=chips.topology_devices("v5e:2x2"))
+
+def program(sharded):
+    def local(x, w, sizes):  # a device's experts: w[E_local, K, N] from group offset device * E_local
+        off = (jax.lax.axis_index("expert") * w.shape[0]).astype(jnp.int32) if sharded else None
+        y = megablox.gmm(x, w, sizes, x.dtype, (128, 128, 128), off, None, False, False)
+        return jax.lax.psum(y, "expert") if sharded else y
+    def loss(x, w, sizes):  # forward gmm; backward: gmm on w^T (dx) and tgmm (dw)
+        y = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("expert") if sharded else P(), P()), out_specs=P(),
+                          check_vma=False)(x, w, sizes)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+    S = lambda shape, dt, *spec: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P(*spec)))
+    args = (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16, "expert" if sharded else None), S((G,), jnp.int32))
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+
+out = pathlib.Path(sys.argv[1])
+out.joinpath("sharded.hlo").write_text(program(True))
+out.joinpath("replicated.hlo").write_text(program(False))
+'''
+
+
+def test_megablox_kernels_cost_the_devices_expert_share(tmp_path, monkeypatch):
+    """A megablox gmm / tgmm kernel on an expert shard (group_offset: 2 of the 8 experts on each of 4 v5e chips)
+    declares the cost of every row of the sorted buffer; hlo.analyze counts the 2/8 of it the device's tiles
+    take, and its bytes no less than its own expert weights (read by gmm, written by tgmm). The same program
+    with every expert on every chip is counted in full."""
+    import re
+
+    from agq_jax.aot import hlo
+
+    py = _tpu_python()
+    groups, m, k, n = 8, 128, 512, 256
+    local = groups // 4
+    out = subprocess.run([str(py), "-c", MEGABLOX_SCRIPT, str(tmp_path), str(groups), str(m), str(k), str(n)],
+                         cwd=REPO, env=_tpu_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sharded, replicated = (tmp_path.joinpath(f"{p}.hlo").read_text() for p in ("sharded", "replicated"))
+
+    matmul = 2 * m * k * n                 # every kernel: fwd [m,k]x[k,n], dx [m,n]x[n,k], dw [k,m]x[m,n]
+    weight_bytes = local * k * n * 2       # the device's bf16 experts (gmm's rhs, tgmm's result)
+    comps, types, _ = hlo.parse(sharded)
+    kernels = [(ins, types[c]) for c, instrs in comps.items() for ins in instrs
+               if ins.opcode == "custom-call" and re.match(r"t?gmm", ins.name)]
+    assert sorted(re.match(r"t?gmm", i.name).group() for i, _ in kernels) == ["gmm", "gmm", "tgmm"]
+    declared_total, expected_total = 0.0, 0.0
+    floors = []
+    for ins, table in kernels:
+        est = re.search(r'"cost_estimate":\{([^}]*)\}', ins.attrs)
+        assert est, ins.attrs[-500:]
+        declared = {key: float(v) for key, v in re.findall(r'"(flops|bytes_accessed)":"?(\d+)', est.group(1))}
+        assert declared["flops"] == matmul  # what megablox declares: every one of the m rows
+        expected_bytes = max(declared["bytes_accessed"] * local / groups, weight_bytes)
+        floors.append(expected_bytes == weight_bytes)
+        assert hlo._custom_call_cost(ins, table) == (matmul * local / groups, expected_bytes), ins.name
+        declared_total += declared["bytes_accessed"]
+        expected_total += expected_bytes
+    assert sorted(floors) == [False, False, True]  # sized so that tgmm's dW write is the floor, gmm's share is not
+
+    walk = hlo.analyze(sharded)
+    assert walk.flops == 3 * matmul * local / groups  # no other matmul in the program
+    assert hlo.analyze(replicated).flops == 3 * matmul  # all experts local: nothing to scale
+    monkeypatch.setattr(hlo, "_megablox_share", lambda ins, table: None)
+    unscaled = hlo.analyze(sharded)
+    assert unscaled.flops == 3 * matmul
+    assert unscaled.bytes - walk.bytes == pytest.approx(declared_total - expected_total)
+    assert declared_total > expected_total
+
+
+FIT_SCRIPT = r'''
+import json, sys
+from agq_jax.aot.__main__ import fit_decode_batch
+# fit_decode_batch reads a spec, so the model is shrunk by --config overrides; the slice is Qwen3-0.6B's v5p-8
+# layout's (v5p:2x2x1, one host). The model is cheap to compile but heavy to hold:
+# 128 scanned layers of a 128-wide model with a 64k FFN (3.2B params, 36 GiB of train state per chip on a
+# replicated data=4 mesh) and 1 KV head of 128 (64 KiB per token, 0.21 GiB per 3456-token row).
+model = dict(vocab_size=2048, hidden_size=128, intermediate_size=65536, num_hidden_layers=128, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=128, tie_word_embeddings=True)
+over = ["--config.model.hf_path=", f"--config.model.overrides={model!r}", "--config.mesh.data=4",
+        "--config.mesh.fsdp=1", "--config.rl.tasks_per_step=128", "--config.rollout.max_len=3200",
+        "--config.rollout.max_response_tokens=3000", "--config.rollout.chunk_size=256"]
+spec, cache = "configs/0_6b.py:v5p-8", sys.argv[1]
+log = lambda m: print(m, file=sys.stderr, flush=True)
+up = fit_decode_batch(spec, [*over, "--config.rollout.decode_batch_size=256"], cache, log=log)
+down = fit_decode_batch(spec, [*over, "--config.rollout.decode_batch_size=0"], cache, log=log)
+print(json.dumps({"up": up, "down": down}))
+'''
+
+
+def test_fit_decode_batch_returns_the_largest_batch_that_fits(tmp_path):
+    """fit_decode_batch on a cheap-to-compile model whose KV cache (with its 36 GiB train state resident)
+    crosses v5p's HBM between 512 and 1024 rows per host: doubling from 256 and halving from all of a host's
+    2048 rows both return 512; every batch tried fits exactly when its compiled prefill and decode peaks plus
+    the resident train state are under the headroom; the next larger batch compiles but does not fit."""
+    from agq_jax.aot.plan import HEADROOM
+
+    py = _tpu_python()
+    out = subprocess.run([str(py), "-c", FIT_SCRIPT, str(tmp_path / "aot")], cwd=REPO, env=_tpu_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    (best_up, up), (best_down, down) = res["up"], res["down"]
+    batches = lambda tried: [r["decode_batch"] for r in tried]
+    assert batches(up) == [256, 512, 1024] and batches(down) == [2048, 1024, 512], (batches(up), batches(down))
+    assert best_up == best_down == 512
+    host_rows, hbm = up[0]["host_rows"], up[0]["hbm_bytes"]
+    assert host_rows == 2048 and down[0]["decode_batch"] == host_rows  # decode_batch_size=0: all the host's rows
+
+    by_batch = {}
+    for r in up + down:
+        for name in ("prefill", "decode"):
+            p = r["programs"][name]
+            if "error" in p:  # the compiler's own refusal: more than the chip's HBM
+                assert "RESOURCE_EXHAUSTED" in p["error"] and not p["fits"]
+                continue
+            assert p["resident_bytes"] == r["train_state_bytes"] > 36 * 2**30
+            assert p["total_bytes"] == p["peak"] + p["resident_bytes"]
+            assert p["fits"] == (p["total_bytes"] <= HEADROOM * hbm), (r["decode_batch"], name, p)
+        assert r["fits"] == all(p["fits"] for p in r["programs"].values())
+        by_batch[r["decode_batch"]] = r
+    for b, r in by_batch.items():  # every batch up to the answer fits, every larger one does not
+        assert r["fits"] == (b <= 512), b
+    best, nxt = by_batch[512], by_batch[1024]
+    assert best["decode_rounds"] == host_rows // 512
+    # the next larger batch compiles; what does not fit is its peak with the train state resident
+    for name in ("prefill", "decode"):
+        assert "error" not in nxt["programs"][name]
+        assert nxt["programs"][name]["peak"] < HEADROOM * hbm < nxt["programs"][name]["total_bytes"]
+    # the memory that grows is the decode's KV cache: 128 more rows per chip x 128 layers x (3200 + 256)
+    # positions x K and V of one 128-wide bf16 head
+    grown = nxt["programs"]["decode"]["arguments"] - best["programs"]["decode"]["arguments"]
+    assert grown == pytest.approx(128 * 128 * 3456 * 2 * 128 * 2, rel=0.01)
