@@ -181,8 +181,14 @@ def paired(results: dict, impl: str, a: str, b: str, key: str, tag_a: str = "rou
          if tag_a in A[s] and tag_b in B[s] and f"eval/{key}" in A[s][tag_a] and f"eval/{key}" in B[s][tag_b]]
     if not d:
         return None
+    return _paired_stats(d)
+
+
+def _paired_stats(d: list[float]) -> dict:
+    """Stats of per-seed differences, with how many are > 0 and t = mean / se (None from one seed)."""
     st = _stats(d)
-    st.update(positive=int(sum(x > 0 for x in d)), t=st["mean"] / st["se"] if st["se"] > 0 else float("inf"))
+    t = None if len(d) < 2 else st["mean"] / st["se"] if st["se"] > 0 else float("inf")
+    st.update(positive=int(sum(x > 0 for x in d)), t=t)
     return st
 
 
@@ -214,11 +220,8 @@ def comparisons(results: dict, impls) -> list[dict]:
                 A, B = results.get((impls[0], arm), {}), results.get((other, arm), {})
                 d = [A[s][tag][f"eval/{key}"] - B[s][tag][f"eval/{key}"] for s in sorted(set(A) & set(B))]
                 if d:
-                    st = _stats(d)
-                    st.update(positive=int(sum(x > 0 for x in d)),
-                              t=st["mean"] / st["se"] if st["se"] > 0 else float("inf"))
                     rows.append({"attention": f"{impls[0]}-{other}", "comparison": f"{arm}: kernels",
-                                 "metric": key, **st})
+                                 "metric": key, **_paired_stats(d)})
     return rows
 
 
@@ -272,8 +275,9 @@ def tables(agg: dict, comps: list[dict], impls, arms) -> str:
         lines.append(f"{'attention':10s}{'comparison':19s}{'metric':38s}{'mean':>8s}{'± se':>8s}{'t':>7s}"
                      f"{'> 0':>6s}{'min':>8s}")
         for c in comps:
+            t = "-" if c["t"] is None else f"{c['t']:.1f}"
             lines.append(f"{c['attention']:10s}{c['comparison']:19s}{c['metric']:38s}{c['mean']:+8.3f}"
-                         f"{c['se']:8.3f}{c['t']:7.1f}{c['positive']:>3d}/{c['n']:<2d}{c['min']:+8.3f}")
+                         f"{c['se']:8.3f}{t:>7s}{c['positive']:>3d}/{c['n']:<2d}{c['min']:+8.3f}")
     return "\n".join(lines)
 
 

@@ -345,9 +345,9 @@ class Trainer:
                     mini = _take_rows(dev, jnp.asarray(idx, jnp.int32), self._row_sharding)
                     self.state, stats = self._update(self._spec, self.state, mini, n_micro, stage)
                     records.append(stats)
-        if not records:
-            return {"optimizer_steps": 0.0, "skipped_steps": float(skipped), "tokens": 0.0,
-                    "lr": float(self.schedule(int(self.state.step)))}
+        if not records:   # the loss over no loss token is 0; nothing else was measured
+            return {"loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 0.0, "skipped_steps": float(skipped),
+                    "tokens": 0.0, "lr": float(self.schedule(int(self.state.step)))}
         return {**_summarise(jax.device_get(records), stage), "skipped_steps": float(skipped)}
 
 
