@@ -313,15 +313,14 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for arm in arms:
                 node = ARM_NODE[arm]
-                here = (out / impl / f"s{seed}" / node / "bench_done.json").is_file()
-                if seed in prior.get((impl, arm), {}) and not here:
+                done = out / impl / f"s{seed}" / node / "bench_done.json"
+                if seed in prior.get((impl, arm), {}) and not done.is_file():
                     results.setdefault((impl, arm), {})[seed] = prior[(impl, arm)][seed]
                     continue
                 if args.report_only:
-                    p = out / impl / f"s{seed}" / node / "bench_done.json"
-                    if not p.is_file():
+                    if not done.is_file():
                         continue
-                    rec = json.loads(p.read_text())
+                    rec = json.loads(done.read_text())
                 else:
                     rec = run_node(out, impl, seed, node, base, log)
                 results.setdefault((impl, arm), {})[seed] = arm_evals(rec, arm)
