@@ -173,19 +173,16 @@ def aggregate(results: dict) -> dict:
     return out
 
 
-def paired(results: dict, impl: str, a: str, b: str, key: str, tag_a: str = "round1", tag_b: str = "round1"):
-    """Per-seed difference arm a - arm b of one metric (same seeds only)."""
-    A, B = results.get((impl, a), {}), results.get((impl, b), {})
+def paired(results: dict, impl: str, a: str, b: str, key: str, tag_a: str = "round1", tag_b: str = "round1",
+           impl_b: str | None = None):
+    """Per-seed difference arm a - arm b of one metric (same seeds only); b under attention `impl_b` if given.
+    Also how many differences are > 0 and t = mean / se (None from one seed)."""
+    A, B = results.get((impl, a), {}), results.get((impl_b or impl, b), {})
     seeds = sorted(set(A) & set(B))
     d = [A[s][tag_a][f"eval/{key}"] - B[s][tag_b][f"eval/{key}"] for s in seeds
          if tag_a in A[s] and tag_b in B[s] and f"eval/{key}" in A[s][tag_a] and f"eval/{key}" in B[s][tag_b]]
     if not d:
         return None
-    return _paired_stats(d)
-
-
-def _paired_stats(d: list[float]) -> dict:
-    """Stats of per-seed differences, with how many are > 0 and t = mean / se (None from one seed)."""
     st = _stats(d)
     t = None if len(d) < 2 else st["mean"] / st["se"] if st["se"] > 0 else float("inf")
     st.update(positive=int(sum(x > 0 for x in d)), t=t)
@@ -217,11 +214,10 @@ def comparisons(results: dict, impls) -> list[dict]:
     for other in impls[1:]:   # the float perturbation: the same arm and seed under two attention kernels
         for arm, tag in (("sft", "round0_sft"), ("grpo", "round1")):
             for key in ("all/greedy_pass@1", "all/pass@1"):
-                A, B = results.get((impls[0], arm), {}), results.get((other, arm), {})
-                d = [A[s][tag][f"eval/{key}"] - B[s][tag][f"eval/{key}"] for s in sorted(set(A) & set(B))]
-                if d:
+                st = paired(results, impls[0], arm, arm, key, tag, tag, impl_b=other)
+                if st is not None:
                     rows.append({"attention": f"{impls[0]}-{other}", "comparison": f"{arm}: kernels",
-                                 "metric": key, **_paired_stats(d)})
+                                 "metric": key, **st})
     return rows
 
 
