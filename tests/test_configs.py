@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def _flag_config(argv: list[str]):
     from ml_collections import config_flags
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    sys.modules.pop("config_config", None)  # a fresh module per file, as run_config.load_configdict does
     fv(argv)
     return fv.config
 
@@ -103,6 +105,24 @@ def test_loads_in_a_clean_interpreter_outside_the_repo(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Qwen3-30B-A3B", "gspo", "0.3", "False"]  # no jax import to load a config
+
+
+def test_a_config_loaded_after_another_equals_it_loaded_alone():
+    """ml_collections executes every config file into one module object: configs/8b.py loaded after
+    configs/30b_a3b.py (as `make aot` and the tests do) once kept the 30B's `recipe` and trained with GSPO."""
+    from agq_jax.run_config import load
+
+    code = ("import json, sys\nfrom agq_jax.run_config import load\n"
+            "print(json.dumps(load(sys.argv[1]).to_dict(), default=list))\n")
+    spec = f"{_path('8b')}:v5p-16"
+    out = subprocess.run([sys.executable, "-c", code, spec], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    alone = json.loads(out.stdout)
+    before = load(f"{_path('30b_a3b')}:v5p-32")
+    after = json.loads(json.dumps(load(spec).to_dict(), default=list))
+    assert before.rl.policy_loss == "gspo" and alone["rl"]["policy_loss"] == "ppo_clip"
+    assert after == alone
 
 
 # ---- one derivation of the model config -------------------------------------------------------------

@@ -208,6 +208,9 @@ def load_configdict(spec: str, overrides: Sequence[str] = ()):
     fv = flags.FlagValues()
     argv = ["agq_jax", f"--config={spec}", *overrides]
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=False, sys_argv=argv)
+    # ml_collections executes every config file into the one module object it keeps in sys.modules: without a
+    # fresh one, globals of the file loaded before (configs/30b_a3b.py's `recipe`: GSPO) stayed in the next
+    sys.modules.pop("config_config", None)
     fv(argv)
     return fv.config
 
