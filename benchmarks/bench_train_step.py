@@ -103,8 +103,10 @@ def active_params(cfg: qwen3.Qwen3Config) -> int:
 
 
 def step_flops(cfg, b, t) -> float:
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t * t * b / 2  # causal
-    return 6.0 * active_params(cfg) * b * t + attn
+    """Model FLOPs of one update, counted as the AOT tool counts them (parameters + causal attention)."""
+    from agq_jax.aot.plan import model_flops
+
+    return model_flops(cfg, active_params(cfg), b, t)[0]
 
 
 def make_batch(cfg, b, t, seed=0):

@@ -35,7 +35,8 @@ def run(spec: str, overrides=(), programs=("train", "logprobs", "reshard", "pref
     return layouts.compile_config(rc, topology, programs=programs, log=log, cache_dir=cache_dir or None)
 
 
-def format_result(r: dict) -> str:
+def format_result(r: dict, top: int = 0) -> str:
+    """The figures of `run` as a table; with `top`, each program's kernels with the most HBM bytes below it."""
     group = (f"rollout groups of {r['group_hosts']} hosts ({r['group_topology']})" if r["group_hosts"] > 1
              else f"rollouts on each host ({r['group_topology']})")
     lines = [f"{r['config']}:{r['layout']}  {r['topology']} ({r['devices']} x {r['chip']}, {r['processes']} hosts), "
@@ -43,7 +44,7 @@ def format_result(r: dict) -> str:
              f"{r['decode_rounds']} batch(es) of {r['decode_batch']}; train state "
              f"{r['train_state_bytes'] / GiB:.1f} GiB/device",
              f"  {'program':<9} {'args':>8} {'temps':>8} {'outputs':>8} {'+resident':>9} {'total':>8} {'of HBM':>7} "
-             f"{'TFLOP':>9} {'coll GB':>8} {'roofline':>10} {'bound':>10} {'MFU':>6}  fits"]
+             f"{'TFLOP':>9} {'coll GB':>8} {'roofline':>10} {'bound':>10} {'MFU':>6} {'6ND':>6}  fits"]
     for name, p in r["programs"].items():
         if "error" in p:
             lines.append(f"  {name:<9} does not compile: {p['error']}")
@@ -52,7 +53,12 @@ def format_result(r: dict) -> str:
             f"  {name:<9} {p['arguments'] / GiB:8.2f} {p['temporaries'] / GiB:8.2f} {p['outputs'] / GiB:8.2f} "
             f"{p['resident_bytes'] / GiB:9.2f} {p['total_bytes'] / GiB:8.2f} {p['total_bytes'] / r['hbm_bytes']:7.0%} "
             f"{p['flops'] / 1e12:9.3f} {p['collective_bytes'] / 1e9:8.2f} {p['time_s'] * 1e3:8.1f}ms "
-            f"{p['bound'].replace('_s', ''):>10} {p['mfu']:6.1%}  {'yes' if p['fits'] else 'NO'}")
+            f"{p['bound'].replace('_s', ''):>10} {p['mfu']:6.1%} {p.get('mfu_params', 0):6.1%}  {'yes' if p['fits'] else 'NO'}")
+        for k in p.get("top_kernels", [])[:top]:
+            shape = "x".join(map(str, k["shape"][1])) if k["shape"] else ""
+            lines.append(f"      {k['bytes'] / p['hbm_bytes']:6.1%} of HBM bytes {k['flops'] / max(p['flops'], 1):6.1%} "
+                         f"of FLOPs  {k['opcode']} {k['name']} {k['shape'][0] if k['shape'] else ''}[{shape}] "
+                         f"x{k['times']:.0f}")
     return "\n".join(lines)
 
 
@@ -96,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache_dir", default="runs/aot", help="cached figures (JSON); '' disables the cache")
     ap.add_argument("--json_out", default="", help="also write the figures to this file")
     ap.add_argument("--programs", default="train,logprobs,reshard,prefill,decode")
+    ap.add_argument("--top", type=int, default=0, help="also print each program's N kernels with the most HBM "
+                    "bytes (loop-aware; up to 10)")
     ap.add_argument("--fit_decode_batch", action="store_true",
                     help="search the largest per-host rollout.decode_batch_size whose prefill and decode fit")
     args, overrides = ap.parse_known_args(argv)
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
         return 0 if best else 1
     result = run(args.config, overrides, tuple(args.programs.split(",")), args.cache_dir,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_result(result), flush=True)
+    print(format_result(result, args.top), flush=True)
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps(result, indent=1, default=float))
     return 0 if result["fits"] else 1

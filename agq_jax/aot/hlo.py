@@ -35,7 +35,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
                "all-gather-start", "all-reduce-start", "collective-permute-start", "ragged-all-to-all")
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
          "replica-id", "iota", "while", "conditional", "call", "all-gather-done", "all-reduce-done",
-         "collective-permute-done", "copy-start", "copy-done", "opt-barrier", "get-dimension-size",
+         "collective-permute-done", "copy-start", "copy-done", "slice-done", "opt-barrier", "get-dimension-size",
          "add-dependency", "domain"}
 
 
@@ -340,6 +340,9 @@ def _io_bytes(ins: _Instr, table: dict[str, str], comps=None, types=None) -> flo
     result = _shapes_bytes(ins.result)
     if ins.opcode in ("dynamic-slice", "slice"):
         return 2 * result
+    if ins.opcode == "slice-start":  # async slice: result ((operand), slice, context); slice-done is free
+        shapes = _SHAPE.findall(ins.result)
+        return 2 * _shapes_bytes("%s[%s]" % shapes[-2]) if len(shapes) >= 2 else 2 * result
     if ins.opcode == "dynamic-update-slice" and len(operands) > 1:
         return 2 * operands[1] + sum(operands[2:])
     if ins.opcode == "scatter" and len(operands) > 2:
@@ -363,14 +366,17 @@ def _io_bytes(ins: _Instr, table: dict[str, str], comps=None, types=None) -> flo
     return result + sum(operands)
 
 
-def analyze(hlo_text: str) -> Cost:
-    """Loop-aware cost of the module's entry computation (see the module docstring)."""
-    comps, types, entry = parse(hlo_text)
-    consts = _constants(hlo_text)
-    top_memo: dict[str, Cost] = {}
-    inner_memo: dict[str, Cost] = {}
+class _Walker:
+    """One parsed module: the cost of each top-level kernel (`kernel`) and of whole computations, loops
+    multiplied by their trip counts (`walk`)."""
 
-    def op_cost(ins: _Instr, table) -> Cost:
+    def __init__(self, hlo_text: str):
+        self.comps, self.types, self.entry = parse(hlo_text)
+        self.consts = _constants(hlo_text)
+        self.top_memo: dict[str, Cost] = {}
+        self.inner_memo: dict[str, Cost] = {}
+
+    def op_cost(self, ins: _Instr, table) -> Cost:
         """flops and collective bytes of one instruction, including the computations it calls."""
         cost = Cost()
         op = ins.opcode
@@ -398,53 +404,92 @@ def analyze(hlo_text: str) -> Cost:
                 cost.custom_calls[tname] = cost.custom_calls.get(tname, 0) + 1
         if op not in ("while",):
             for c in ins.calls:
-                cost.add(inner(c))
+                cost.add(self.inner(c))
         return cost
 
-    def inner(name: str) -> Cost:
-        if name not in inner_memo:
-            inner_memo[name] = Cost()
+    def inner(self, name: str) -> Cost:
+        if name not in self.inner_memo:
+            self.inner_memo[name] = Cost()
             total = Cost()
-            for ins in comps.get(name, ()):
-                total.add(op_cost(ins, types.get(name, {})))
-            inner_memo[name] = total
-        return inner_memo[name]
+            for ins in self.comps.get(name, ()):
+                total.add(self.op_cost(ins, self.types.get(name, {})))
+            self.inner_memo[name] = total
+        return self.inner_memo[name]
 
-    def walk(name: str) -> Cost:
-        if name in top_memo:
-            return top_memo[name]
+    def kernel(self, ins: _Instr, table) -> Cost:
+        """One top-level kernel's cost: its HBM bytes (operands read + result written, or a custom call's
+        own estimate) and the flops / collectives of everything it runs."""
         cost = Cost()
-        top_memo[name] = cost  # recursion guard
-        table = types.get(name, {})
-        for ins in comps.get(name, ()):
-            op = ins.opcode
-            if op == "while":
-                body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
-                cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
-                n = _loop_trip(comps, consts, cond.group(1), ins.attrs) if cond else None
-                if n is None:
-                    cost.unknown_loops += 1
-                    n = 1
-                if body:
-                    cost.add(walk(body.group(1)), n)
-                if cond:
-                    cost.add(walk(cond.group(1)), n + 1)
-                continue
-            if op in ("conditional", "call"):
-                for c in ins.calls:  # every branch counted: an upper bound for conditionals
-                    cost.add(walk(c))
-                continue
-            if op in _FREE:
-                continue
-            est = _custom_call_cost(ins, table) if op == "custom-call" else None
-            cost.bytes += est[1] if est and est[1] else _io_bytes(ins, table, comps, types)
-            splash = _splash_cost(ins, table) if op == "custom-call" and est is None else None
-            if splash is not None:
-                cost.bytes += splash[1]
-            cost.add(op_cost(ins, table))
+        op = ins.opcode
+        est = _custom_call_cost(ins, table) if op == "custom-call" else None
+        cost.bytes += est[1] if est and est[1] else _io_bytes(ins, table, self.comps, self.types)
+        splash = _splash_cost(ins, table) if op == "custom-call" and est is None else None
+        if splash is not None:
+            cost.bytes += splash[1]
+        cost.add(self.op_cost(ins, table))
         return cost
 
-    return walk(entry)
+    def loops(self, ins: _Instr) -> list[tuple[str, int, bool]]:
+        """(computation, times it runs per execution of `ins`, trip count known) of a while / call / branch."""
+        if ins.opcode == "while":
+            body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
+            cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
+            n = _loop_trip(self.comps, self.consts, cond.group(1), ins.attrs) if cond else None
+            trips = 1 if n is None else n
+            return ([(body.group(1), trips, n is not None)] if body else []) + (
+                [(cond.group(1), trips + 1, n is not None)] if cond else [])
+        return [(c, 1, True) for c in ins.calls]  # conditional branches: every one counted (an upper bound)
+
+    def walk(self, name: str) -> Cost:
+        if name in self.top_memo:
+            return self.top_memo[name]
+        cost = Cost()
+        self.top_memo[name] = cost  # recursion guard
+        table = self.types.get(name, {})
+        for ins in self.comps.get(name, ()):
+            if ins.opcode in ("while", "conditional", "call"):
+                parts = self.loops(ins)
+                cost.unknown_loops += not all(known for _, _, known in parts)  # a while without a trip count
+                for comp, times, _ in parts:
+                    cost.add(self.walk(comp), times)
+                continue
+            if ins.opcode in _FREE:
+                continue
+            cost.add(self.kernel(ins, table))
+        return cost
+
+
+def analyze(hlo_text: str) -> Cost:
+    """Loop-aware cost of the module's entry computation (see the module docstring)."""
+    w = _Walker(hlo_text)
+    return w.walk(w.entry)
+
+
+def top_kernels(hlo_text: str, n: int = 10, by: str = "bytes") -> list[dict]:
+    """The `n` top-level kernels with the most loop-aware HBM `bytes` (or `flops`) in the whole program:
+    what a roofline-bound program spends its time on. Each: opcode, name, result shape, times run, totals."""
+    w = _Walker(hlo_text)
+    times: dict[str, float] = {}
+
+    def visit(name: str, mult: float, depth: int = 0):
+        times[name] = times.get(name, 0.0) + mult
+        for ins in w.comps.get(name, ()):
+            if ins.opcode in ("while", "conditional", "call") and depth < 64:
+                for comp, k, _ in w.loops(ins):
+                    visit(comp, mult * k, depth + 1)
+
+    visit(w.entry, 1.0)
+    rows = []
+    for name, mult in times.items():
+        table = w.types.get(name, {})
+        for ins in w.comps.get(name, ()):
+            if ins.opcode in _FREE or ins.opcode in ("conditional", "call"):
+                continue
+            c = w.kernel(ins, table)
+            rows.append(dict(opcode=ins.opcode, name=ins.name, shape=_first_shape(ins.result), times=mult,
+                             bytes=c.bytes * mult, flops=c.flops * mult))
+    rows.sort(key=lambda r: -r[by])
+    return rows[:n]
 
 
 _CONST = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\{?[^}]*\}?\s*constant\((-?\d+)\)", re.M)

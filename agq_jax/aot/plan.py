@@ -6,8 +6,10 @@ into the rollout copies, and the sampler's prefill and decode for one rollout gr
 one copy spans) at the per-host decode batch. Memory
 is per device: a program's peak (arguments + temporaries + outputs not aliased to donated inputs), and
 for the sampler also the train state that stays resident while it runs. Time is a roofline bound:
-max(FLOPs / peak, HBM bytes / bandwidth, collective bytes / ICI bandwidth); MFU = model FLOPs (6 x
-active params x tokens for the update, 2 x for a forward) over that time at peak.
+max(FLOPs / peak, HBM bytes / bandwidth, collective bytes / ICI bandwidth); MFU = model FLOPs over that time
+at peak, with model FLOPs as MaxText and PaLM count them (`model_flops`): the matmuls of the active parameters
+and causal attention, forward x 3 for the update; `flops_ratio` compares the compiled FLOPs with the
+parameter term alone (6 x active params x tokens), the figure issue 13 asks for.
 """
 from __future__ import annotations
 
@@ -53,6 +55,20 @@ def active_params(cfg, params) -> int:
     return total
 
 
+def model_flops(cfg, n_active: int, rows: float, seq: int, *, context: float | None = None, passes: int = 3,
+                q_tokens: int | None = None) -> tuple[float, float]:
+    """(model FLOPs, of which the parameter term) of `passes` x a forward over `rows` rows of `q_tokens`
+    tokens (default `seq`): 2 x active params per token, plus attention's two matmuls (QK^T, PV: 4 x heads x
+    head_dim per query-key pair per layer) over the causal pairs. A full row of `seq` tokens has seq^2/2 of
+    them; a sampler chunk / decode step attends to `context` keys per query. Train = 3 passes (forward,
+    backward's two matmuls), a log-prob pass = 1; remat's recomputation is not model FLOPs."""
+    q = seq if q_tokens is None else q_tokens
+    pairs = q * seq / 2 if context is None else q * context
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * pairs
+    dense = 2 * n_active * q
+    return passes * rows * (dense + attn), passes * rows * dense
+
+
 def _tree_bytes(tree) -> int:
     """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
     total = 0
@@ -62,14 +78,17 @@ def _tree_bytes(tree) -> int:
     return total
 
 
-def roofline(c: pr.Compiled, chip: chips_mod.Chip, model_flops: float) -> dict[str, float]:
+def roofline(c: pr.Compiled, chip: chips_mod.Chip, flops: tuple[float, float]) -> dict[str, float]:
+    """Roofline time and MFU bound of a compiled program; `flops` = `model_flops`'s (total, parameter term)."""
+    model, param = flops
     terms = {"compute_s": c.flops / chip.bf16_flops, "hbm_s": c.hbm_bytes / chip.hbm_bandwidth,
              "collective_s": c.collective_bytes / chip.ici_bandwidth}
     t = max(terms.values())
     bound = max(terms, key=terms.get)
-    return dict(terms, time_s=t, bound=bound, model_flops=model_flops,
-                mfu=model_flops / (t * chip.bf16_flops) if t > 0 else 0.0,
-                flops_ratio=c.flops / model_flops if model_flops else 0.0)
+    return dict(terms, time_s=t, bound=bound, model_flops=model, param_flops=param,
+                mfu=model / (t * chip.bf16_flops) if t > 0 else 0.0,
+                mfu_params=param / (t * chip.bf16_flops) if t > 0 else 0.0,
+                flops_ratio=c.flops / param if param else 0.0)
 
 
 def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert_shards: int = 0, pad_id: int = 0,
@@ -108,7 +127,7 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert
                                host_rows=host_rows, decode_batch=per_host,
                                decode_rounds=-(-host_rows // per_host), programs={})
 
-    def record(name, lowered, on, model_flops, extra_resident=0, note="", per=1):
+    def record(name, lowered, on, flops, extra_resident=0, note="", per=1):
         path = None
         if cache_dir:
             path = os.path.join(cache_dir, "programs", f"{name}-{pr.program_key(lowered, on.devices.flat)}.json")
@@ -127,26 +146,26 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert
         row["resident_bytes"] = extra_resident
         row["total_bytes"] = c.peak + extra_resident
         row["fits"] = row["total_bytes"] <= HEADROOM * chip.hbm_bytes
-        row.update(roofline(c, chip, model_flops))
+        row.update(roofline(c, chip, flops))
         out["programs"][name] = row
         log(f"  {name}: peak {c.peak / 2**30:.1f} GiB (+{extra_resident / 2**30:.1f} resident) of "
             f"{chip.hbm_bytes / 2**30:.1f}, {c.compile_s:.0f}s compile")
 
-    tokens_train = shapes.mini_rows * shapes.seq / n_dev
     if "train" in programs:
         record("train", pr.lower_train_update(graphdef, state, mesh, loss, optim, mini_rows=shapes.mini_rows,
                                               micro_rows=shapes.micro_rows, seq=shapes.seq), mesh,
-               6 * n_active * tokens_train)
+               model_flops(cfg, n_active, shapes.mini_rows / n_dev, shapes.seq))
     if "logprobs" in programs:
         record("logprobs", pr.lower_logprobs(graphdef, state, mesh, loss, optim, rows=shapes.micro_rows,
                                              seq=shapes.seq), mesh,
-               2 * n_active * shapes.micro_rows * shapes.seq / n_dev, note="also the KL-reference pass")
+               model_flops(cfg, n_active, shapes.micro_rows / n_dev, shapes.seq, passes=1),
+               note="also the KL-reference pass")
     full = nnx.state(model)
     if "reshard" in programs:
         full_abs = pr.with_shardings(full, shd.state_shardings(full, mesh))
         fn = placement.reshard_fn(full, mesh, rmesh, shapes.compute_dtype)
         with jax.set_mesh(mesh):  # its argument, the fp32 weights, is part of the resident train state
-            record("reshard", fn.lower(full_abs), mesh, 0.0, extra_resident=resident - _tree_bytes(full_abs),
+            record("reshard", fn.lower(full_abs), mesh, (0.0, 0.0), extra_resident=resident - _tree_bytes(full_abs),
                    note="fp32 train weights -> every rollout group's bf16 copy")
     compute = jnp.dtype(shapes.compute_dtype)
     rollout_state = jax.tree.map(
@@ -156,10 +175,14 @@ def compile_layout(cfg, mesh, shapes: Shapes, loss, optim, *, gmesh=None, expert
                                        chunk=shapes.chunk, pad_id=pad_id, params=sampling)
     per_dev_rows = group_rows / gmesh.devices.size
     if "prefill" in programs:
-        record("prefill", prefill(), gmesh, 2 * n_active * per_dev_rows * shapes.chunk, extra_resident=resident,
+        # a chunk in the middle of a full row: half the row's keys before it
+        record("prefill", prefill(), gmesh, model_flops(cfg, n_active, per_dev_rows, shapes.seq, passes=1,
+                                                        q_tokens=shapes.chunk, context=shapes.seq / 2),
+               extra_resident=resident,
                note=f"{shapes.chunk}-token chunk for {per_host} rows per host")
     if "decode" in programs:
-        record("decode", decode(), gmesh, 2 * n_active * per_dev_rows, extra_resident=resident, per=shapes.seq,
+        record("decode", decode(), gmesh, model_flops(cfg, n_active, per_dev_rows, shapes.seq, passes=1, q_tokens=1,
+                                                      context=shapes.seq / 2), extra_resident=resident, per=shapes.seq,
                note="per decode step (the loop runs at most max_len steps; counted at that bound, divided)")
     out["fits"] = all(p.get("fits", False) for p in out["programs"].values())
     return out

@@ -9,6 +9,8 @@ the sampler's cache sharding), and the functions compiled are the run's own jitt
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -40,9 +42,34 @@ class Compiled:
     analytic_flops: float          # of `flops`: splash attention kernels, counted from their shapes
     compile_s: float
     note: str = ""
+    top_kernels: list = dataclasses.field(default_factory=list)  # hlo.top_kernels: the most HBM bytes first
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# A Pallas kernel rides in the lowered module as serialized Mosaic bytecode, source locations included (file
+# paths, line numbers): keyed as is, a checkout in another directory or an edit that moves a line recompiled it.
+_KERNEL_BODY = re.compile(r'\\22body\\22: \\22([A-Za-z0-9+/=]+)\\22')
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_without_locations(body_b64: str) -> str:
+    """A Mosaic kernel's module printed without locations (the payload itself when it cannot be parsed)."""
+    import base64
+
+    try:
+        from jax._src.interpreters import mlir
+        from jax._src.lib import tpu
+        from jax._src.lib.mlir import ir
+
+        ctx = mlir.make_ir_context()
+        tpu.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        with ctx, ir.Location.unknown():
+            return ir.Module.parse(base64.b64decode(body_b64)).operation.get_asm(enable_debug_info=False)
+    except Exception:  # noqa: BLE001 - an unreadable payload keys as itself (correct, only path-dependent)
+        return body_b64
 
 
 def program_key(lowered, devices, label: str = "") -> str:
@@ -57,8 +84,12 @@ def program_key(lowered, devices, label: str = "") -> str:
     except PackageNotFoundError:
         tpu = "none"
     devs = [(d.id, d.process_index, tuple(getattr(d, "coords", ()) or ()), d.device_kind) for d in devices]
-    blob = "\n".join([lowered.as_text(), repr(devs), label, jax.__version__, tpu])
+    text = _KERNEL_BODY.sub(lambda m: _kernel_without_locations(m.group(1)), lowered.as_text())
+    blob = "\n".join([text, repr(devs), label, jax.__version__, tpu])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+TOP_KERNELS = 10  # kernels kept per program (`python -m agq_jax.aot --top N` prints them)
 
 
 class CompileError(RuntimeError):
@@ -124,7 +155,7 @@ def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> 
                     hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
                     collectives={k: float(v) for k, v in walk.collectives.items()}, xla_flops=c["xla_flops"],
                     kernels_without_cost=dict(walk.custom_calls), analytic_flops=walk.analytic_flops,
-                    compile_s=c["compile_s"], note=note)
+                    compile_s=c["compile_s"], note=note, top_kernels=hlo.top_kernels(text, TOP_KERNELS))
 
 
 # ---- abstract state ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def tpu_layouts(path: str) -> list[str]:
 
 def markdown(results: list[dict]) -> str:
     head = ("| config:layout | slice | program | per device: args / temps / out (+ resident) | peak of HBM | "
-            "TFLOP / device | FLOPs / model FLOPs | collective GB | roofline | bound | MFU bound |\n"
+            "TFLOP / device | FLOPs / 6ND | collective GB | roofline | bound | MFU bound (6ND only) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for r in results:
@@ -41,7 +41,7 @@ def markdown(results: list[dict]) -> str:
             if sampler:  # one rollout group's program at the per-host decode batch
                 name = f"{name} ({r['decode_batch']}/host)"
             ratio = f"{p['flops_ratio']:.2f}" if p["model_flops"] else "-"
-            mfu = f"{p['mfu']:.0%}" if p["model_flops"] else "-"
+            mfu = f"{p['mfu']:.0%} ({p['mfu_params']:.0%})" if p["model_flops"] else "-"
             rows.append(f"| {r['config']}:{r['layout']} | {where} | {name} | {mem} | "
                         f"{p['total_bytes'] / GiB:.1f} GiB ({p['total_bytes'] / r['hbm_bytes']:.0%})"
                         f"{'' if p['fits'] else ' **no**'} | {p['flops'] / 1e12:.2f} | {ratio} | "
