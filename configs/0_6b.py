@@ -20,6 +20,9 @@ DEFAULT_LAYOUT = "v6e-8"
 # 0.6B params: fp32 master + grads + AdamW = ~10 GB in all, so FSDP within one host is plenty. What
 # limits the micro-batch is attention over 14k-token rows (XLA materialises [heads, T, T] scores):
 # one row per device; see `python launch/mesh_plan.py configs/0_6b.py`.
+# decode_batch_size: the largest per-host rollout batch whose compiled prefill and decode stay under 90% of HBM
+# with the train state resident (`python -m agq_jax.aot --config=configs/0_6b.py:LAYOUT --fit_decode_batch`);
+# v6e-8 would fit 128 at 96%, kept at 64 for the runtime's own buffers.
 MESH_LAYOUTS = {
     "v6e-8": Layout("tpu-v6e", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
                     decode_batch_size=64, topology="v6e:2x4/2x4x1",

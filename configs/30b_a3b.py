@@ -21,6 +21,8 @@ PRESET = "Qwen3-30B-A3B"
 HF_PATH = "checkpoints/Qwen3-30B-A3B"
 DEFAULT_LAYOUT = "v5p-64"
 
+# decode_batch_size: the largest per-host rollout batch whose compiled prefill and decode stay under 90% of HBM
+# with the train state resident (`python -m agq_jax.aot --config=configs/30b_a3b.py:LAYOUT --fit_decode_batch`).
 MESH_LAYOUTS = {
     "v5p-64": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
                      decode_batch_size=128, topology="v5p:2x4x4",
@@ -30,7 +32,7 @@ MESH_LAYOUTS = {
                      note="16 chips / 4 hosts; ~31 GB of training state per chip"),
     # tensor x expert = 4 = one host's chips, so a host can hold its rollout copy (4 x 2 would span two hosts)
     "v5p-64-ep": Layout("tpu-v5p", 32, dict(data=1, fsdp=-1, tensor=2, expert=2), micro_batch_rows=16,
-                        decode_batch_size=64, topology="v5p:2x4x4",
+                        decode_batch_size=128, topology="v5p:2x4x4",
                         note="expert parallel: 64 experts per expert shard, tensor=2 x expert=2 inside a host"),
     # expert_shards=2: a rollout copy spans 2 hosts (8 chips); one host's copy (tensor=4) made the reshard
     # need 33.8 GiB of 31.25 (compiled); with 2 hosts: reshard 17.3, prefill 16.4, decode 21.9 GiB

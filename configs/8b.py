@@ -17,6 +17,9 @@ DEFAULT_LAYOUT = "v5p-32"
 # 8.2B params: fp32 master + grads + AdamW = ~131 GB, sharded by FSDP. The 32 query heads of a 14k-token
 # row make ~66 GB of attention scores on the XLA path, so heads are split over `tensor` (inside a host /
 # over NVLink) and each device trains one row per micro-batch.
+# decode_batch_size: the largest per-host rollout batch whose compiled prefill and decode stay under 90% of HBM
+# with the train state resident (`python -m agq_jax.aot --config=configs/8b.py:LAYOUT --fit_decode_batch`);
+# v5p-32 would fit 128 at 94%, kept at 64 for the runtime's own buffers.
 MESH_LAYOUTS = {
     "v5p-32": Layout("tpu-v5p", 16, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=4,
                      decode_batch_size=64, topology="v5p:2x2x4",
@@ -25,7 +28,7 @@ MESH_LAYOUTS = {
                      decode_batch_size=64, topology="v5p:2x2x2",
                      note="8 chips / 2 hosts; ~16 GB of training state per chip"),
     "v6e-32": Layout("tpu-v6e", 32, dict(data=1, fsdp=-1, tensor=4, expert=1), micro_batch_rows=8,
-                     decode_batch_size=16, topology="v6e:4x8",
+                     decode_batch_size=32, topology="v6e:4x8",
                      note="32 chips x 32 GB; ~4 GB of training state per chip"),
     "h100x8": Layout("h100", 8, dict(data=1, fsdp=-1, tensor=2, expert=1), micro_batch_rows=4,
                      note="one 8xH100 node; ~16 GB of training state per GPU"),
