@@ -386,7 +386,9 @@ def top_kernels(hlo_text: str, n: int = 10, by: str = "bytes") -> list[dict]:
             if ins.opcode in _FREE or ins.opcode in ("conditional", "call"):
                 continue
             c = w.kernel(ins, table)
-            rows.append(dict(opcode=ins.opcode, name=ins.name, shape=_first_shape(ins.result), times=mult,
+            shape = _first_shape(ins.result)
+            rows.append(dict(opcode=ins.opcode, name=ins.name, times=mult,
+                             shape=f"{shape[0]}[{','.join(map(str, shape[1]))}]" if shape else "",
                              bytes=c.bytes * mult, flops=c.flops * mult))
     rows.sort(key=lambda r: -r[by])
     return rows[:n]
