@@ -9,7 +9,7 @@ for the sampler also the train state that stays resident while it runs. Time is 
 max(FLOPs / peak, HBM bytes / bandwidth, collective bytes / ICI bandwidth); MFU = model FLOPs over that time
 at peak, with model FLOPs as MaxText and PaLM count them (`model_flops`): the matmuls of the active parameters
 and causal attention, forward x 3 for the update; `flops_ratio` compares the compiled FLOPs with the
-parameter term alone (6 x active params x tokens), the figure issue 13 asks for.
+parameter term alone (6 x active params x tokens): what the program does beyond the weights' matmuls.
 """
 from __future__ import annotations
 
