@@ -53,7 +53,7 @@ def format_result(r: dict, top: int = 0) -> str:
             f"  {name:<9} {p['arguments'] / GiB:8.2f} {p['temporaries'] / GiB:8.2f} {p['outputs'] / GiB:8.2f} "
             f"{p['resident_bytes'] / GiB:9.2f} {p['total_bytes'] / GiB:8.2f} {p['total_bytes'] / r['hbm_bytes']:7.0%} "
             f"{p['flops'] / 1e12:9.3f} {p['collective_bytes'] / 1e9:8.2f} {p['time_s'] * 1e3:8.1f}ms "
-            f"{p['bound'].replace('_s', ''):>10} {p['mfu']:6.1%} {p.get('mfu_params', 0):6.1%}  "
+            f"{p['bound'].replace('_s', ''):>10} {p['mfu']:6.1%} {p['mfu_params']:6.1%}  "
             f"{'yes' if p['fits'] else 'NO'}")
         for k in p.get("top_kernels", [])[:top]:
             lines.append(f"      {k['bytes'] / p['hbm_bytes']:6.1%} of HBM bytes "

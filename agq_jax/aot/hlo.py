@@ -27,7 +27,7 @@ import re
 from agq_jax.aot.hlo_parse import (_DTYPE_BYTES, _FREE, _SHAPE, COLLECTIVES, _constants, _first_shape, _Instr,
                                    _loop_trip, _shapes_bytes, parse)
 
-__all__ = ["Cost", "analyze", "top_kernels", "parse"]
+__all__ = ["Cost", "analyze", "measure", "top_kernels", "parse"]
 
 
 @dataclasses.dataclass
@@ -275,6 +275,7 @@ class _Walker:
         self.consts = _constants(hlo_text)
         self.top_memo: dict[str, Cost] = {}
         self.inner_memo: dict[str, Cost] = {}
+        self.kernel_memo: dict[str, Cost] = {}
 
     def op_cost(self, ins: _Instr, table) -> Cost:
         """flops and collective bytes of one instruction, including the computations it calls."""
@@ -318,7 +319,12 @@ class _Walker:
 
     def kernel(self, ins: _Instr, table) -> Cost:
         """One top-level kernel's cost: its HBM bytes (operands read + result written, or a custom call's
-        own estimate) and the flops / collectives of everything it runs."""
+        own estimate) and the flops / collectives of everything it runs (instruction names are unique)."""
+        if ins.name not in self.kernel_memo:
+            self.kernel_memo[ins.name] = self._kernel(ins, table)
+        return self.kernel_memo[ins.name]
+
+    def _kernel(self, ins: _Instr, table) -> Cost:
         cost = Cost()
         op = ins.opcode
         est = _custom_call_cost(ins, table) if op == "custom-call" else None
@@ -361,14 +367,21 @@ class _Walker:
 
 def analyze(hlo_text: str) -> Cost:
     """Loop-aware cost of the module's entry computation (see the module docstring)."""
-    w = _Walker(hlo_text)
-    return w.walk(w.entry)
+    return measure(hlo_text)[0]
 
 
 def top_kernels(hlo_text: str, n: int = 10, by: str = "bytes") -> list[dict]:
     """The `n` top-level kernels with the most loop-aware HBM `bytes` (or `flops`) in the whole program:
     what a roofline-bound program spends its time on. Each: opcode, name, result shape, times run, totals."""
+    return measure(hlo_text, n, by)[1]
+
+
+def measure(hlo_text: str, top: int = 0, by: str = "bytes") -> tuple[Cost, list[dict]]:
+    """(`analyze`, `top_kernels`) from one parse of the module."""
     w = _Walker(hlo_text)
+    total = w.walk(w.entry)
+    if not top:
+        return total, []
     times: dict[str, float] = {}
 
     def visit(name: str, mult: float, depth: int = 0):
@@ -391,6 +404,6 @@ def top_kernels(hlo_text: str, n: int = 10, by: str = "bytes") -> list[dict]:
                              shape=f"{shape[0]}[{','.join(map(str, shape[1]))}]" if shape else "",
                              bytes=c.bytes * mult, flops=c.flops * mult))
     rows.sort(key=lambda r: -r[by])
-    return rows[:n]
+    return total, rows[:top]
 
 

@@ -147,7 +147,7 @@ def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> 
             with gzip.open(path.with_suffix(".hlo.txt.gz"), "wt") as f:
                 f.write(text)
             _save_json(path, compiler)
-    walk = hlo.analyze(text)
+    walk, top = hlo.measure(text, TOP_KERNELS)
     c = compiler
     return Compiled(name=name, arguments=c["arguments"], outputs=c["outputs"], temporaries=c["temporaries"],
                     aliased=c["aliased"], generated_code=c["generated_code"],
@@ -155,7 +155,7 @@ def compile_and_measure(name: str, lowered, note: str = "", cache_path=None) -> 
                     hbm_bytes=walk.bytes, collective_bytes=walk.collective_bytes,
                     collectives={k: float(v) for k, v in walk.collectives.items()}, xla_flops=c["xla_flops"],
                     kernels_without_cost=dict(walk.custom_calls), analytic_flops=walk.analytic_flops,
-                    compile_s=c["compile_s"], note=note, top_kernels=hlo.top_kernels(text, TOP_KERNELS))
+                    compile_s=c["compile_s"], note=note, top_kernels=top)
 
 
 # ---- abstract state ---------------------------------------------------------------------------------
