@@ -333,7 +333,7 @@ def main(argv=None) -> int:
                                       "group": group, "metric": metric, **st}))
     for c in comps:
         print(json.dumps({"bench": "learning_paired", **c}))
-    print(tables(agg, comps, args.attention, args.arms))
+    print(tables(agg, comps, args.attention, [a for a in ARMS if a in {*args.arms, *args.perturb_arms}]))
     if args.summary:
         prior_cmd = json.loads(pathlib.Path(args.prior).read_text())["command"] if args.prior else None
         summary = {"command": "python benchmarks/bench_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -14,7 +14,7 @@ episode (the flywheel's input). This reads those episodes and sorts each against
   write, args right            the gold write was made as gold, but another gate failed (an extra call, ...)
   wrote, gold has none         the gold path makes no write (refusal, transfer, a declined confirmation) and
                                the agent wrote anyway (e.g. gave in to the user)
-  no write, <what>             the same gold path, no write, and what failed: reward gates (e.g.
+  no write as gold, <what>     the same gold path, no write (right), and what failed: reward gates (e.g.
                                gate tool_response: a reply that misstates what a tool returned), else unmet
                                sub-goals (e.g. subgoal confirm: it never asked the user to confirm),
                                plus "malformed" when a turn could not be parsed
@@ -74,7 +74,7 @@ def failure_mode(task: dict, episode: dict) -> str:
         what = what or sorted({"subgoal " + _subgoal(k[len("subgoal/"):]) for k, v in comp.items()
                                if k.startswith("subgoal/") and not v})
         what += ["malformed"] * bool(comp.get("diag/malformed_turns"))
-        return "no write, " + " + ".join(what or ["?"])
+        return "no write as gold, " + " + ".join(what or ["?"])
     if not made:
         errors = [_error_kind(m.get("content")) for m in episode["messages"] if m["role"] == "tool"]
         errors = [e for e in errors if e]

@@ -49,6 +49,11 @@ def test_each_scripted_mistake_lands_in_its_mode(tmp_path):
     }
     for want, row in rows.items():
         assert failure_modes.failure_mode(row["task"], row["episode"]) == want, (want, row["episode"]["components"])
+    # a transfer task (no write on the gold path) where the agent looks up and stops instead of handing over
+    transfer = generate_task("library", "transfer", seed=5)
+    n_reads = sum(1 for c in transfer.gold_actions if c.name.startswith("get_"))
+    row = _record(transfer, transfer.gold_replies[:1 + n_reads] + ["Done."])
+    assert failure_modes.failure_mode(row["task"], row["episode"]) == "no write as gold, subgoal transferred"
 
     # the CLI over a run directory's failure files: one count per mode, per branch type
     (tmp_path / "run" / "failures").mkdir(parents=True)
