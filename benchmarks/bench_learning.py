@@ -101,7 +101,7 @@ def run_node(out: pathlib.Path, impl: str, seed: int, node: str, base: dict, log
         return json.loads(done.read_text())
     parent, extra, where = NODES[node]
     if parent is not None:
-        prec = run_node(out, impl, seed, parent, base, log)
+        run_node(out, impl, seed, parent, base, log)
         if not (ndir / "checkpoints").is_dir():
             if ndir.exists():
                 shutil.rmtree(ndir)
