@@ -70,7 +70,8 @@ def failure_mode(task: dict, episode: dict) -> str:
         if made:
             return "wrote, gold has none"
         comp = episode.get("components") or {}
-        what = [f"gate {k[len('diag/gate_'):]}" for k, v in sorted(comp.items()) if k.startswith("diag/gate_") and not v]
+        what = [f"gate {k[len('diag/gate_'):]}" for k, v in sorted(comp.items())
+                if k.startswith("diag/gate_") and not v]
         what = what or sorted({"subgoal " + _subgoal(k[len("subgoal/"):]) for k, v in comp.items()
                                if k.startswith("subgoal/") and not v})
         what += ["malformed"] * bool(comp.get("diag/malformed_turns"))

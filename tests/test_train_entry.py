@@ -6,9 +6,10 @@
   devices (a random model written as an HF checkpoint and loaded through model.hf_path, the real tokenizer,
   the layout's mesh axes, every teacher role on the loopback teacher with a share of malformed replies),
   2 steps per round; 2 rounds for the 30B-A3B (the flywheel's second round: failures -> variants), 1 for the
-  8B (its dense model and mesh; round 1's code is the 30B-A3B's and the tiny run's). The 30B-A3B run directory, rolled back to what a kill right after the step-4 checkpoint
-  leaves (mid round 1), resumes to the same metrics as the uninterrupted run. Each round's export loads in
-  transformers with logits equal to ours.
+  8B (its dense model and mesh; round 1's code is the 30B-A3B's and the tiny run's). The 30B-A3B run
+  directory, rolled back to what a kill right after the step-4 checkpoint leaves (mid round 1), resumes to
+  the same metrics as the uninterrupted run. Each round's export loads in transformers with logits equal to
+  ours.
 - configs/0_6b.py:cpu-smoke (tied embeddings, the v6e-8 layout's fsdp 4 x tensor 2) and
   configs/235b_a22b.py:cpu-smoke: the same entry point for one round of one step, export checked likewise.
 - Knob coverage: over these runs, every knob of the run config (agq_jax/run_config) is read by something.
