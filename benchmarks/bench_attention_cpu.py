@@ -10,7 +10,6 @@ Usage: python benchmarks/bench_attention_cpu.py [--seqs 256 512 768 1024] [--bat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
