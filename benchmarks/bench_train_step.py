@@ -10,6 +10,11 @@ run on the same device (what this device actually sustains), and `mfu_nominal` =
 (H100/H200 bf16 dense 989 TFLOP/s; --peak_tflops overrides; none on CPU). Peak device memory comes from
 `device.memory_stats()` where the backend has it (GPU/TPU); on CPU the process max RSS is reported instead.
 
+Loss positions only (`--policy_tokens N`): a tool-use row is mostly prompt and environment turns; with N
+policy tokens per row the `ppo_clip+scored` row runs the step with LossConfig.scored_tokens = N (the LM head
+on those positions only, as the driver does) and `ratio_vs_every` = its time / the every-position ppo_clip
+step's, same model and batch; its model FLOPs leave out the LM head on the unscored positions.
+
 Shapes: `dense`, `moe` (small CPU shapes, the default), `tiny` (configs/tiny.py's model), and the real
 architectures `Qwen3-1.7B`, `Qwen3-8B`, `Qwen3-30B-A3B` (all 128 experts, top-8) — use --layers to cut depth.
 Usage: python benchmarks/bench_train_step.py [--models dense --batch 8 --seq 256 --iters 3 --chunk 128]
@@ -109,10 +114,11 @@ def step_flops(cfg, b, t) -> float:
     return model_flops(cfg, active_params(cfg), b, t)[0]
 
 
-def make_batch(cfg, b, t, seed=0):
+def make_batch(cfg, b, t, policy_tokens=0, seed=0):
+    """Random rows whose last `policy_tokens` positions are the loss tokens (0: the last 3/4 of the row)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
-    lm = (np.arange(t)[None] >= t // 4).repeat(b, 0).astype(np.float32)
+    lm = (np.arange(t)[None] >= t - (policy_tokens or t - t // 4)).repeat(b, 0).astype(np.float32)
     return {"input_ids": ids, "attention_mask": np.ones((b, t), np.int32), "loss_mask": lm,
             "advantages": rng.normal(size=b).astype(np.float32)}
 
@@ -137,7 +143,7 @@ def bench(name, b, t, iters, chunk, args, peaks):
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-5)
     opt = tx.init(params)
-    batch = make_batch(cfg, b, t)
+    batch = make_batch(cfg, b, t, args.policy_tokens)
     ids = jnp.asarray(batch["input_ids"])
 
     @jax.jit
@@ -157,16 +163,20 @@ def bench(name, b, t, iters, chunk, args, peaks):
         jax.block_until_ready(state[0])
     t_ref = timed(run_ref, iters)
 
-    for loss_name in ("ppo_clip", "gspo"):
+    n_policy = int(batch["loss_mask"][0, 1:].sum())
+    variants = [("ppo_clip", 0), ("gspo", 0)] + ([("ppo_clip", n_policy)] if n_policy < t - 1 else [])
+    for loss_name, scored in variants:
         agg = "token-mean" if loss_name == "ppo_clip" else "seq-mean-token-mean"
         tr = Trainer(nnx.clone(model), OptimConfig(learning_rate=1e-5),
-                     LossConfig(policy_loss=loss_name, loss_agg=agg, logprob_chunk=chunk), StepConfig())
+                     LossConfig(policy_loss=loss_name, loss_agg=agg, logprob_chunk=chunk, scored_tokens=scored),
+                     StepConfig())
         lp, _ = tr.compute_logprobs(batch)
         gb = {**batch, "old_logprobs": lp * batch["loss_mask"]}
         t_step = timed(lambda: tr.train_batch(gb), iters)
-        flops = step_flops(cfg, b, t)
+        flops = step_flops(cfg, b, t) - (6 * cfg.hidden_size * cfg.vocab_size * b * (t - 1 - scored) if scored else 0)
         tflops = flops / t_step / 1e12
-        row = {"bench": "train_step", "model": name, "loss": loss_name, "batch": b, "seq": t,
+        row = {"bench": "train_step", "model": name, "loss": loss_name + ("+scored" if scored else ""),
+               "batch": b, "seq": t, "scored_tokens": scored,
                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "moe": cfg.is_moe,
                "experts": f"{cfg.num_experts_per_tok}/{cfg.num_experts}" if cfg.is_moe else None,
                "dtype": args.dtype, "param_dtype": args.param_dtype, "attention_impl": cfg.attention_impl,
@@ -179,6 +189,7 @@ def bench(name, b, t, iters, chunk, args, peaks):
                "peak_measured_tflops": round(peaks["measured"], 4),
                "mfu_measured": round(tflops / peaks["measured"], 4),
                "ref_ce_step_s": round(t_ref, 4), "ratio_vs_ref": round(t_step / t_ref, 3),
+               "ratio_vs_every": round(t_step / rows[0]["step_s"], 3) if scored else None,
                "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "host": platform.machine(),
                "load_avg_1m": round(os.getloadavg()[0], 2), **peak_memory()}
         if peaks["nominal"]:
@@ -194,6 +205,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--policy_tokens", type=int, default=0,
+                    help="loss tokens per row (0: the last 3/4); < seq-1 adds the ppo_clip+scored row")
     ap.add_argument("--peak_tflops", type=float, default=0.0,
                     help="nominal device peak for mfu_nominal (default: 989 on H100/H200 in bf16; none on CPU)")
     ap.add_argument("--matmul", type=int, default=0, help="matmul size of the measured peak (0: 2048 CPU, 8192 else)")
@@ -216,13 +229,14 @@ def main():
         rows += bench(name, args.batch, args.seq, args.iters, args.chunk, args, peaks)
     for r in rows:
         print(json.dumps(r))
-    print(f"\n{'model':>13} {'loss':>9} {'B×T':>10} {'step s':>8} {'tok/s':>9} {'policy tok/s':>13} "
-          f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU nom':>8} {'CE ref s':>9} {'ratio':>6}")
+    print(f"\n{'model':>13} {'loss':>15} {'B×T':>10} {'step s':>8} {'tok/s':>9} {'policy tok/s':>13} "
+          f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU nom':>8} {'CE ref s':>9} {'ratio':>6} {'vs every':>8}")
     for r in rows:
         nom = f"{r['mfu_nominal']:>8.3f}" if "mfu_nominal" in r else f"{'-':>8}"
-        print(f"{r['model']:>13} {r['loss']:>9} {r['batch']:>4}×{r['seq']:<5} {r['step_s']:>8.3f} "
+        print(f"{r['model']:>13} {r['loss']:>15} {r['batch']:>4}×{r['seq']:<5} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>9.0f} {r['policy_tokens_per_s']:>13.0f} {r['model_tflops_per_s']:>8.3f} "
-              f"{r['mfu_measured']:>8.3f} {nom} {r['ref_ce_step_s']:>9.3f} {r['ratio_vs_ref']:>6.2f}")
+              f"{r['mfu_measured']:>8.3f} {nom} {r['ref_ce_step_s']:>9.3f} {r['ratio_vs_ref']:>6.2f} "
+              f"{r['ratio_vs_every'] or '-':>8}")
     print(f"dtype {args.dtype}, device {jax.devices()[0].device_kind}, measured {args.dtype} matmul peak "
           f"{peaks['measured']:.3f} TFLOP/s, nominal {peaks['nominal'] or '-'}")
 

@@ -1,5 +1,5 @@
 """Two CPU processes on localhost (jax.distributed + gloo collectives), each feeding half of the batch,
-take the same GRPO steps as one process with the whole batch."""
+take the same GRPO steps as one process with the whole batch (the loss-positions-only LM head included)."""
 import json
 import os
 
@@ -22,7 +22,9 @@ def build(mesh=None):
     model = qwen3.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
     if mesh is not None:
         model = shard_model(model, mesh)
-    return Trainer(model, OptimConfig(learning_rate=3e-3), LossConfig(logprob_chunk=8),
+    # scored_tokens 12: round 0's rows hold at most 12 loss tokens (the LM head runs on those), round 1 has a
+    # row of 13 on process 0 only, and both processes must then agree to score every position
+    return Trainer(model, OptimConfig(learning_rate=3e-3), LossConfig(logprob_chunk=8, scored_tokens=12),
                    StepConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=2), mesh=mesh)
 
 

@@ -153,6 +153,41 @@ def test_grad_accumulation_and_minibatches_match_full_batch(dense):
             with_sampler_logprobs(tr, base))
 
 
+def test_loss_positions_only_equal_every_position(dense, caplog):
+    """LossConfig.scored_tokens: the LM head runs on the loss positions only (here 18 of 23 per row), with
+    the same losses, KL-reference pass and updates as on every position; a batch with a row past the bound
+    trains on every position (warned)."""
+    base = make_batch(4)
+    most = int((base["loss_mask"] * base["attention_mask"])[:, 1:].sum(axis=1).max())
+    assert 0 < most < T - 1
+    scored = LossConfig(logprob_chunk=64, kl_coef=0.1, scored_tokens=most)
+    every = LossConfig(logprob_chunk=64, kl_coef=0.1)
+    runs = {}
+    for name, loss in (("scored", scored), ("every", every), ("short", LossConfig(**{**scored.__dict__,
+                                                                                      "scored_tokens": most - 1}))):
+        tr = Trainer(nnx.clone(dense), OPT, loss, StepConfig(mini_batch_size=4, micro_batch_size=2))
+        batch = with_sampler_logprobs(tr, base, noise=0.05)
+        ms = [tr.train_batch(batch) for _ in range(2)] + [tr.train_batch(batch, stage="sft")]
+        runs[name] = (ms, jax.tree.leaves(tr.state.params), tr)
+    for name in ("scored", "short"):
+        for a, b in zip(runs[name][0], runs["every"][0]):
+            for k in ("loss", "kl", "entropy", "ratio_mean", "nll", "tokens"):
+                if k in b:
+                    assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (name, k)
+        for a, b in zip(runs[name][1], runs["every"][1]):
+            np.testing.assert_allclose(a, b, atol=2e-5)
+    assert "loss.scored_tokens=%d" % (most - 1) in caplog.text  # the short bound fell back, and said so
+    # the scored program's LM head is [rows, 18, V], never [rows, 23, V]
+    tr = runs["scored"][2]
+    dev = tr.to_device({k: base[k] for k in ("input_ids", "attention_mask", "loss_mask")})
+    from agq_jax.rl.step import _logprobs_jit
+
+    hlo = {name: _logprobs_jit.lower(spec, tr.state.params, tr.state.model_state, dev).as_text()
+           for name, spec in (("scored", tr._spec), ("every", tr._full_spec))}
+    assert f"{B}x{most}x{VOCAB}" in hlo["scored"] and f"{B}x{T - 1}x{VOCAB}" not in hlo["scored"]
+    assert f"{B}x{T - 1}x{VOCAB}" in hlo["every"]
+
+
 def test_kl_reference_and_moe_aux_loss():
     model = tiny_model(moe=True)
     tr = Trainer(model, OptimConfig(learning_rate=3e-3), LossConfig(kl_coef=0.5, policy_loss="gspo",

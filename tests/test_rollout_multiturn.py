@@ -212,6 +212,13 @@ def test_response_token_cap_ends_episodes_as_overlong(tok, policy):
         assert ep.overlong and ep.termination == "overlong" and ep.record.termination == "max_tokens"
         assert cap - 40 <= ep.response_length <= cap and len(ep.token_ids) < config.max_len - 200
         check_episode(tok, model, ep)
+    # the train step's bound on loss tokens per row holds: here the response cap, then the turn cap
+    assert config.max_policy_tokens == cap and all(sum(e.loss_mask) <= cap for e in batch.episodes)
+    config = RolloutConfig(max_len=1024, max_new_tokens_per_turn=16, max_turns=3)
+    batch = run_rollouts(sampler, model, [make_env(t, limits=limits) for t in tasks[:2]], tok, params=PARAMS,
+                         config=config, rng=jax.random.key(2))
+    assert config.max_policy_tokens == 3 * 16
+    assert all(e.num_turns == 3 and 3 <= sum(e.loss_mask) <= 48 for e in batch.episodes)
 
 
 def test_prompt_longer_than_the_budget_is_an_overlong_episode_without_loss(tok, policy):

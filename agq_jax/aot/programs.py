@@ -225,7 +225,10 @@ def lower_logprobs(graphdef, state, mesh, loss, optim, *, rows: int, seq: int):
 
     axes = batch_axes_of(mesh)
     spec = _Spec(graphdef, loss, optim, mesh, axes)
-    batch = row_batch(mesh, axes, rows, seq, {"input_ids": "int32", "attention_mask": "int32"})
+    keys = {"input_ids": "int32", "attention_mask": "int32"}
+    if loss.scored_tokens:  # the train step's passes score the loss positions only (Trainer._spec_for)
+        keys["loss_mask"] = "float32"
+    batch = row_batch(mesh, axes, rows, seq, keys)
     with jax.set_mesh(mesh):
         return _logprobs_jit.lower(spec, state.params, state.model_state, batch)
 

@@ -131,6 +131,17 @@ def loss_temperature(rl) -> float:
     return rl.temperature if plain else 1.0
 
 
+def rollout_config(rc):
+    """The rollout loop's limits from the run config (the sampler's episodes and the train step's bound on
+    loss tokens per row both come from here)."""
+    from agq_jax.rollout import RolloutConfig
+
+    r = rc.rollout
+    return RolloutConfig(max_len=r.max_len, max_new_tokens_per_turn=r.max_new_tokens_per_turn or None,
+                         max_response_tokens=r.max_response_tokens or None, max_turns=rc.env.max_agent_turns + 1,
+                         enable_thinking=r.enable_thinking, max_workers=r.max_workers)
+
+
 def trainer_configs(rc, kind: str):
     """(OptimConfig, LossConfig, StepConfig) of the SFT or the GRPO trainer: every knob the train step
     reads, taken from the run config here and nowhere else (the compile-ahead tool uses this too)."""
@@ -144,7 +155,9 @@ def trainer_configs(rc, kind: str):
         s = rc.sft
         optim = OptimConfig(learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, decay=s.decay,
                             total_steps=max(s.steps, 1), **moments)
-        loss = LossConfig(stage="sft", loss_agg=s.loss_agg, logprob_chunk=rl.logprob_chunk)
+        # gold episodes obey the rollout's limits too (one that does not trains on every position)
+        loss = LossConfig(stage="sft", loss_agg=s.loss_agg, logprob_chunk=rl.logprob_chunk,
+                          scored_tokens=rollout_config(rc).max_policy_tokens)
         steps = StepConfig(ppo_epochs=1, mini_batch_size=None, micro_batch_size=s.micro_batch_rows or None,
                            shuffle=False, seed=rc.seed)
         return optim, loss, steps
@@ -158,7 +171,7 @@ def trainer_configs(rc, kind: str):
                       dual_clip_c=rl.dual_clip_c or None, gspo_clip_low=rl.gspo_clip_low,
                       gspo_clip_high=rl.gspo_clip_high, loss_agg=rl.loss_agg, kl_coef=rl.kl_coef,
                       kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef, temperature=loss_temperature(rl),
-                      logprob_chunk=rl.logprob_chunk)
+                      logprob_chunk=rl.logprob_chunk, scored_tokens=rollout_config(rc).max_policy_tokens)
     steps = StepConfig(ppo_epochs=rl.ppo_epochs, mini_batch_size=rl.mini_batch_tasks * rl.group_size,
                        micro_batch_size=rl.micro_batch_rows or None, shuffle=True, seed=rc.seed)
     return optim, loss, steps

@@ -39,7 +39,7 @@ class Policy:
     def __init__(self, rc, model, tok, ids: SpecialIds, mesh=None, *, make_env=None):
         """`make_env(item, tool_cache=None) -> env` builds the env of a task item (the driver's, bound to its
         world; rollouts of one task share a tool cache)."""
-        from agq_jax.rollout import RolloutConfig
+        from agq_jax.driver.build import rollout_config
 
         self.rc, self.model, self.tok, self.ids, self.mesh = rc, model, tok, ids, mesh
         self.make_env = make_env
@@ -50,10 +50,7 @@ class Policy:
         self.max_workers = r.max_workers
         self.stop_ids = ids.stop_ids if r.stop_on_tool_call else (ids.im_end,)
         self.sampler = shared_sampler(model, mesh=mesh, pad_id=ids.pad, chunk_size=self.chunk_size)
-        self.rollout_cfg = RolloutConfig(max_len=r.max_len, max_new_tokens_per_turn=r.max_new_tokens_per_turn or None,
-                                         max_response_tokens=r.max_response_tokens or None,
-                                         max_turns=rc.env.max_agent_turns + 1, enable_thinking=r.enable_thinking,
-                                         max_workers=r.max_workers)
+        self.rollout_cfg = rollout_config(rc)
         rl = rc.rl
         self._train_sampling = dict(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
         self._pool = None

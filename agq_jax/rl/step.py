@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any, Mapping
 
 import flax.struct
@@ -31,6 +32,8 @@ from agq_jax.rl import algo
 from agq_jax.rl.batch import REQUIRED, validate_batch
 from agq_jax.rl.logprobs import next_token_logprobs
 from agq_jax.rl.optim import OptimConfig, make_optimizer, make_schedule
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -59,6 +62,8 @@ class LossConfig:
     aux_loss_scale: float = 1.0       # × the model's aux_loss (qwen3 already applies router_aux_loss_coef)
     temperature: float = 1.0          # the sampler's temperature (log-probs must match it)
     logprob_chunk: int = 512
+    scored_tokens: int = 0            # most loss tokens a row can hold (the rollout's bound): the LM head
+                                      # then runs on those positions only; 0 = on every position
 
     def __post_init__(self):
         if self.stage not in REQUIRED:
@@ -66,6 +71,8 @@ class LossConfig:
         algo.lookup(algo.POLICY_LOSSES, self.policy_loss, "policy loss")
         algo.lookup(algo.AGGREGATIONS, self.loss_agg, "loss aggregation")
         algo.lookup(algo.KL_ESTIMATORS, self.kl_estimator, "KL estimator")
+        if self.scored_tokens < 0:
+            raise ValueError(f"LossConfig.scored_tokens must be >= 0, got {self.scored_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +102,10 @@ class _Spec:
 def _forward_logprobs(spec: _Spec, params, model_state, mb):
     model = nnx.merge(spec.graphdef, params, model_state)
     hidden, _, aux = model.hidden_states(mb["input_ids"], attention_mask=mb["attention_mask"])
+    scored = spec.loss.scored_tokens
     lp, ent = next_token_logprobs(hidden, model.unembed(), mb["input_ids"],
-                                  chunk_size=spec.loss.logprob_chunk, temperature=spec.loss.temperature)
+                                  chunk_size=spec.loss.logprob_chunk, temperature=spec.loss.temperature,
+                                  score_mask=_policy_mask(mb) if scored else None, max_scored=scored)
     return lp, ent, jnp.asarray(aux, jnp.float32)
 
 
@@ -209,6 +218,8 @@ class Trainer:
         self.batch_axes = axes
         self._row_sharding = NamedSharding(mesh, P(axes or None)) if mesh is not None else None
         self._spec = _Spec(self.graphdef, loss, optim, mesh, axes)
+        # every position: the host API, and a batch with a row past loss.scored_tokens (exact, slower)
+        self._full_spec = dataclasses.replace(self._spec, loss=dataclasses.replace(loss, scored_tokens=0))
         init = functools.partial(_init_state, self._spec)
         rng = jax.random.key_data(jax.random.key(seed))
         with self._mesh_ctx():
@@ -218,6 +229,7 @@ class Trainer:
                 params = jax.device_put(params, state_shardings(params, mesh))
                 self.state = jax.jit(init, out_shardings=self._state_shardings(params, model_state))(
                     params, model_state, rng)
+        self._warned_full = False
         self.ref_params = None
         if loss.kl_coef > 0:  # the reference is only materialised when the KL term is used
             self.ref_params = jax.tree.map(jnp.copy, self.state.params)
@@ -273,21 +285,43 @@ class Trainer:
             raise ValueError(f"process {jax.process_index()}'s rows {spans} of a {b}-row batch are not contiguous")
         return {k: np.asarray(v)[lo:hi] for k, v in global_batch.items()}
 
+    def _spec_for(self, local_batch: Mapping[str, np.ndarray]) -> _Spec:
+        """The step's spec for this batch: loss positions only when every row (on every process) holds at
+        most loss.scored_tokens of them, else every position (the same loss; one more compiled shape)."""
+        bound = self.loss_cfg.scored_tokens
+        if not bound:
+            return self._spec
+        mask = np.asarray(local_batch["loss_mask"]) * np.asarray(local_batch["attention_mask"])
+        most = np.array(mask[:, 1:].sum(axis=1).max(initial=0), np.float32)
+        if jax.process_count() > 1:
+            most = np.asarray(multihost_utils.process_allgather(most)).max()
+        if most <= bound:
+            return self._spec
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning("a train batch has a row with %d loss tokens > loss.scored_tokens=%d: the LM head runs on "
+                        "every position for such batches (exact, slower)", int(most), bound)
+        return self._full_spec
+
     # ------------------------------------------------------------------ host API
-    def compute_logprobs(self, local_batch: Mapping[str, np.ndarray], params=None) -> tuple[np.ndarray, np.ndarray]:
-        """(logp, entropy) [B, T] for host-local rows under `params` (default: current policy).
+    def compute_logprobs(self, local_batch: Mapping[str, np.ndarray], params=None, *,
+                         spec: _Spec | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logp, entropy) [B, T] for host-local rows under `params` (default: current policy), at every
+        position (the train step passes its own spec: the loss positions only, from the batch's loss_mask).
 
         Runs `micro_batch_size` global rows at a time (memory), like the train step."""
         params = self.state.params if params is None else params
-        validate_batch({**local_batch, "loss_mask": np.zeros(np.shape(local_batch["input_ids"]))}, "sft")
+        spec = self._full_spec if spec is None else spec
+        validate_batch({"loss_mask": np.zeros(np.shape(local_batch["input_ids"])), **local_batch}, "sft")
+        keys = ("input_ids", "attention_mask") + (("loss_mask",) if spec.loss.scored_tokens else ())
         with self._mesh_ctx():
-            dev = self.to_device({k: local_batch[k] for k in ("input_ids", "attention_mask")})
+            dev = self.to_device({k: local_batch[k] for k in keys})
             b_global = dev["input_ids"].shape[0]
             micro = self.step_cfg.micro_batch_size or b_global
             if micro >= b_global:
-                lp, ent = _logprobs_jit(self._spec, params, self.state.model_state, dev)
+                lp, ent = _logprobs_jit(spec, params, self.state.model_state, dev)
             else:
-                parts = [_logprobs_jit(self._spec, params, self.state.model_state,
+                parts = [_logprobs_jit(spec, params, self.state.model_state,
                                        _take_rows(dev, jnp.arange(i, min(i + micro, b_global)), self._row_sharding))
                          for i in range(0, b_global, micro)]
                 lp, ent = _concat_rows(parts, self._row_sharding)
@@ -319,10 +353,11 @@ class Trainer:
         stage = c.stage if stage is None else stage
         validate_batch(local_batch, stage)
         batch = {k: np.asarray(v) for k, v in local_batch.items() if k in REQUIRED[stage] or k == "ref_logprobs"}
+        spec = self._spec_for(batch)
         if stage == "grpo" and c.kl_coef > 0 and "ref_logprobs" not in batch:
             if self.ref_params is None:
                 raise ValueError("kl_coef > 0 needs batch['ref_logprobs'] or a reference (set_reference)")
-            batch["ref_logprobs"], _ = self.compute_logprobs(batch, self.ref_params)
+            batch["ref_logprobs"], _ = self.compute_logprobs(batch, self.ref_params, spec=spec)
         elif stage == "sft" or c.kl_coef == 0:
             batch.pop("ref_logprobs", None)
         step0 = int(self.state.step)
@@ -343,7 +378,7 @@ class Trainer:
                         skipped += 1
                         continue
                     mini = _take_rows(dev, jnp.asarray(idx, jnp.int32), self._row_sharding)
-                    self.state, stats = self._update(self._spec, self.state, mini, n_micro, stage)
+                    self.state, stats = self._update(spec, self.state, mini, n_micro, stage)
                     records.append(stats)
         if not records:   # the loss over no loss token is 0; nothing else was measured
             return {"loss": 0.0, "grad_norm": 0.0, "optimizer_steps": 0.0, "skipped_steps": float(skipped),

@@ -52,6 +52,13 @@ class RolloutConfig:
         if self.max_response_tokens is not None and self.max_response_tokens < 1:
             raise ValueError(f"RolloutConfig.max_response_tokens must be >= 1, got {self.max_response_tokens}")
 
+    @property
+    def max_policy_tokens(self) -> int:
+        """The most sampled (loss) tokens an episode can hold: every reply is after the prompt, at most
+        max_turns of them, each at most max_new_tokens_per_turn long. The train step's LM-head bound."""
+        per_turn = min(self.max_new_tokens_per_turn or self.max_len, self.max_len)
+        return min(self.max_response_tokens or self.max_len, self.max_len, self.max_turns * per_turn)
+
 
 @dataclasses.dataclass
 class Episode:
