@@ -23,8 +23,6 @@ def _as_task(item: Item):
 
 def rollout_items(policy, items: list[Item], *, params, rng, batch_size: int, repeats: int = 1):
     """Run `repeats` episodes of every item in batches; returns episodes grouped per item (item order)."""
-    from agq_jax.rollout import run_rollouts
-
     from agq_jax.envs.tools import SharedToolCache
 
     jobs = [(i, r) for i in range(len(items)) for r in range(repeats)]
