@@ -220,7 +220,7 @@ def lower_train_update(graphdef, state, mesh, loss, optim, *, mini_rows: int, mi
 
 
 def lower_logprobs(graphdef, state, mesh, loss, optim, *, rows: int, seq: int):
-    """The old-log-prob / KL-reference pass (`Trainer.compute_logprobs`, one micro-batch per call)."""
+    """The KL-reference pass of the train step (`Trainer._device_logprobs`, one micro-batch per call)."""
     from agq_jax.rl.step import _logprobs_jit, _Spec
 
     axes = batch_axes_of(mesh)

@@ -285,47 +285,44 @@ class Trainer:
             raise ValueError(f"process {jax.process_index()}'s rows {spans} of a {b}-row batch are not contiguous")
         return {k: np.asarray(v)[lo:hi] for k, v in global_batch.items()}
 
-    def _spec_for(self, local_batch: Mapping[str, np.ndarray]) -> _Spec:
-        """The step's spec for this batch: loss positions only when every row (on every process) holds at
-        most loss.scored_tokens of them, else every position (the same loss; one more compiled shape)."""
+    def _spec_for(self, row_tokens: np.ndarray) -> _Spec:
+        """The step's spec for a batch with `row_tokens` loss tokens per row (the global batch, the same on
+        every process): loss positions only when no row holds more than loss.scored_tokens, else every
+        position (the same loss; one more compiled shape)."""
         bound = self.loss_cfg.scored_tokens
-        if not bound:
-            return self._spec
-        mask = np.asarray(local_batch["loss_mask"]) * np.asarray(local_batch["attention_mask"])
-        most = np.array(mask[:, 1:].sum(axis=1).max(initial=0), np.float32)
-        if jax.process_count() > 1:
-            most = np.asarray(multihost_utils.process_allgather(most)).max()
-        if most <= bound:
+        most = int(row_tokens.max(initial=0))
+        if not bound or most <= bound:
             return self._spec
         if not self._warned_full:
             self._warned_full = True
             log.warning("a train batch has a row with %d loss tokens > loss.scored_tokens=%d: the LM head runs on "
-                        "every position for such batches (exact, slower)", int(most), bound)
+                        "every position for such batches (exact, slower)", most, bound)
         return self._full_spec
 
     # ------------------------------------------------------------------ host API
-    def compute_logprobs(self, local_batch: Mapping[str, np.ndarray], params=None, *,
-                         spec: _Spec | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def compute_logprobs(self, local_batch: Mapping[str, np.ndarray], params=None) -> tuple[np.ndarray, np.ndarray]:
         """(logp, entropy) [B, T] for host-local rows under `params` (default: current policy), at every
-        position (the train step passes its own spec: the loss positions only, from the batch's loss_mask).
-
-        Runs `micro_batch_size` global rows at a time (memory), like the train step."""
-        params = self.state.params if params is None else params
-        spec = self._full_spec if spec is None else spec
+        position. Runs `micro_batch_size` global rows at a time (memory), like the train step."""
         validate_batch({"loss_mask": np.zeros(np.shape(local_batch["input_ids"])), **local_batch}, "sft")
-        keys = ("input_ids", "attention_mask") + (("loss_mask",) if spec.loss.scored_tokens else ())
         with self._mesh_ctx():
-            dev = self.to_device({k: local_batch[k] for k in keys})
-            b_global = dev["input_ids"].shape[0]
-            micro = self.step_cfg.micro_batch_size or b_global
-            if micro >= b_global:
-                lp, ent = _logprobs_jit(spec, params, self.state.model_state, dev)
-            else:
-                parts = [_logprobs_jit(spec, params, self.state.model_state,
-                                       _take_rows(dev, jnp.arange(i, min(i + micro, b_global)), self._row_sharding))
-                         for i in range(0, b_global, micro)]
-                lp, ent = _concat_rows(parts, self._row_sharding)
+            dev = self.to_device({k: local_batch[k] for k in ("input_ids", "attention_mask")})
+            lp, ent = self._device_logprobs(dev, self._full_spec, params)
         return _local_rows(lp), _local_rows(ent)
+
+    def _device_logprobs(self, dev: dict, spec: _Spec, params=None) -> tuple[jax.Array, jax.Array]:
+        """(logp, entropy) of a global batch already on device, under `spec` (the scored spec reads
+        loss_mask: the loss positions only)."""
+        params = self.state.params if params is None else params
+        keys = ("input_ids", "attention_mask") + (("loss_mask",) if spec.loss.scored_tokens else ())
+        dev = {k: dev[k] for k in keys}
+        b_global = dev["input_ids"].shape[0]
+        micro = self.step_cfg.micro_batch_size or b_global
+        if micro >= b_global:
+            return _logprobs_jit(spec, params, self.state.model_state, dev)
+        parts = [_logprobs_jit(spec, params, self.state.model_state,
+                               _take_rows(dev, jnp.arange(i, min(i + micro, b_global)), self._row_sharding))
+                 for i in range(0, b_global, micro)]
+        return _concat_rows(parts, self._row_sharding)
 
     def _minibatch_plan(self, b_global: int, epoch: int, step0: int):
         """Global row indices of each mini-batch (same on every process) and the micro-batch count.
@@ -353,12 +350,10 @@ class Trainer:
         stage = c.stage if stage is None else stage
         validate_batch(local_batch, stage)
         batch = {k: np.asarray(v) for k, v in local_batch.items() if k in REQUIRED[stage] or k == "ref_logprobs"}
-        spec = self._spec_for(batch)
-        if stage == "grpo" and c.kl_coef > 0 and "ref_logprobs" not in batch:
-            if self.ref_params is None:
-                raise ValueError("kl_coef > 0 needs batch['ref_logprobs'] or a reference (set_reference)")
-            batch["ref_logprobs"], _ = self.compute_logprobs(batch, self.ref_params, spec=spec)
-        elif stage == "sft" or c.kl_coef == 0:
+        kl = stage == "grpo" and c.kl_coef > 0
+        if kl and "ref_logprobs" not in batch and self.ref_params is None:
+            raise ValueError("kl_coef > 0 needs batch['ref_logprobs'] or a reference (set_reference)")
+        if not kl:
             batch.pop("ref_logprobs", None)
         step0 = int(self.state.step)
         epochs = sc.ppo_epochs if stage == "grpo" else 1
@@ -366,7 +361,11 @@ class Trainer:
         with self._mesh_ctx():
             dev = self.to_device(batch)
             b_global = dev["input_ids"].shape[0]
-            live = _global_row_sums(_row_loss_tokens(dev)) > 0   # the same on every process
+            row_tokens = _global_row_sums(_row_loss_tokens(dev))  # the same on every process
+            spec = self._spec_for(row_tokens)
+            if kl and "ref_logprobs" not in dev:
+                dev["ref_logprobs"], _ = self._device_logprobs(dev, spec, self.ref_params)
+            live = row_tokens > 0
             for epoch in range(epochs):
                 idx_list, n_micro = self._minibatch_plan(b_global, epoch, step0)
                 for idx in idx_list:
