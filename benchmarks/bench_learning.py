@@ -12,6 +12,9 @@ Arms (each a run of the whole flywheel; runs that are equal up to a point share 
   rubric             as grpo with the rubric's partial credit as the reward (rl.reward=rubric)
   success_or_rubric  as grpo with partial credit only in groups where no sample succeeded (the lever for
                      branch types GRPO cannot lift: all-failure groups otherwise carry no signal)
+  placebo            as grpo, but each sample is paid the success of another sample of its group
+                     (rl.reward=success_placebo): the same updates' sizes without their information, so
+                     GRPO - placebo is what the reward taught and placebo - SFT what updating alone does
 Sharing: one SFT run per (seed, attention_impl) -> its checkpoint is copied into every arm; grpo and fresh
 also share round 0 (they differ only in the data of round 1).
 
@@ -39,7 +42,7 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARMS = ("sft", "grpo", "fresh", "rubric", "success_or_rubric")
+ARMS = ("sft", "grpo", "fresh", "rubric", "success_or_rubric", "placebo")
 # node -> (parent node, config overrides, where it stops: "sft" | "round0" | None = the end)
 NODES = {
     "sft": (None, {}, "sft"),
@@ -48,8 +51,9 @@ NODES = {
     "fresh": ("grpo_r0", {"synth.agentic.expansion": "fresh"}, None),
     "rubric": ("sft", {"rl.reward": "rubric"}, None),
     "success_or_rubric": ("sft", {"rl.reward": "success_or_rubric"}, None),
+    "placebo": ("sft", {"rl.reward": "success_placebo"}, None),
 }
-ARM_NODE = {"sft": "sft", "grpo": "grpo", "fresh": "fresh", "rubric": "rubric", "success_or_rubric": "success_or_rubric"}
+ARM_NODE = {arm: arm for arm in ARMS}
 # A few-step version of configs/tiny.py (the same shrink as `AGQ_DEMO_SMALL=1 make demo`): checks the machinery.
 SMALL = {"sft.steps": 2, "sft.batch_size": 2, "rl.steps_per_round": 1, "rl.tasks_per_step": 2, "rl.group_size": 2,
          "rl.mini_batch_tasks": 2, "data.heldout_tasks": 5, "eval.k": 2, "eval.batch_size": 4,
@@ -201,6 +205,10 @@ COMPARISONS = [  # (name, arm a, tag a, arm b, tag b, metric)
     ("lever - grpo", "success_or_rubric", "round1", "grpo", "round1", "branch/clarification/greedy_pass@1"),
     ("lever - grpo", "success_or_rubric", "round1", "grpo", "round1", "all/pass@1"),
     ("lever - SFT", "success_or_rubric", "round1", "sft", "round0_sft", "branch/clarification/pass@1"),
+    ("GRPO - placebo", "grpo", "round1", "placebo", "round1", "all/pass@1"),
+    ("GRPO - placebo", "grpo", "round1", "placebo", "round1", "all/greedy_pass@1"),
+    ("placebo - SFT", "placebo", "round1", "sft", "round0_sft", "all/pass@1"),
+    ("placebo - SFT", "placebo", "round1", "sft", "round0_sft", "all/greedy_pass@1"),
 ]
 
 

@@ -277,6 +277,16 @@ def reward_success_or_rubric(rubric, success_threshold: float):
     return jnp.where(success.max(axis=-1, keepdims=True) > 0, success, r)
 
 
+@register_training_reward("success_placebo")
+def reward_success_placebo(rubric, success_threshold: float):
+    """A control, not a recipe: each sample gets the success of another sample of its group (the group
+    reversed; the middle one of an odd group keeps its own). The samples of a group are drawn alike, so the
+    reward says nothing about the sample it is paid to, while the groups with signal and the advantages'
+    sizes are exactly those of `success`: what the update alone does to held-out metrics, without the
+    information (bench_learning's `placebo` arm). The last axis is the group ([..., G])."""
+    return reward_success(rubric, success_threshold)[..., ::-1]
+
+
 def training_reward(name: str, rubric, *, success_threshold: float):
     return lookup(TRAINING_REWARDS, name, "training reward")(rubric, success_threshold)
 

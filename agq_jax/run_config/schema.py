@@ -183,7 +183,8 @@ class RLSection(Section):
     micro_batch_rows: int = 0            # rows per forward/backward (gradient accumulation); 0 = the mini-batch
     ppo_epochs: int = 1                  # mu
     reward: str = "rubric"               # rl.algo.TRAINING_REWARDS: rubric | success | rubric+success |
-                                         # success_or_rubric (0/1; partial credit only in groups with no success)
+                                         # success_or_rubric (0/1; partial credit only in groups with no success) |
+                                         # success_placebo (a control: each sample paid another's success)
     advantage: str = "grpo"              # rl.algo.ADVANTAGES
     std_normalize: bool = True           # grpo: divide by the group's std
     negative_weight: float = 1.0         # scale of negative advantages (1 = GRPO)
