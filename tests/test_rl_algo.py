@@ -222,6 +222,27 @@ def test_success_or_rubric_partial_credit_only_in_groups_without_success():
     assert algo.zero_variance_groups(shaped(np.full((1, 4), 0.5)))[0]
 
 
+def test_success_placebo_pays_another_samples_success_with_the_same_signal():
+    """The control arm's reward: a sample's own success no longer decides its reward, while which groups
+    carry signal and how large the advantages are stay those of `success`."""
+    rubric = np.array([[1.0, 1.0, 0.2, 0.0],     # successes first: the placebo pays the last two
+                       [0.5, 0.0, 1.0, 0.25],
+                       [0.5, 0.5, 0.5, 0.5]])    # all failures: no signal under either
+    succ = np.asarray(algo.training_reward("success", rubric, success_threshold=SUCCESS_THRESHOLD))
+    plac = np.asarray(algo.training_reward("success_placebo", rubric, success_threshold=SUCCESS_THRESHOLD))
+    np.testing.assert_array_equal(plac, [[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(algo.zero_variance_groups(plac), algo.zero_variance_groups(succ))
+    np.testing.assert_allclose(np.sort(algo.compute_advantages(plac), axis=1),
+                               np.sort(algo.compute_advantages(succ), axis=1), rtol=1e-6)
+    # paid to the successful samples, the placebo's advantages are negative where success's are positive
+    adv_s, adv_p = algo.compute_advantages(succ), algo.compute_advantages(plac)
+    assert float((np.asarray(adv_p) * (succ > 0)).sum()) < 0 < float((np.asarray(adv_s) * (succ > 0)).sum())
+    # an odd group: the middle sample keeps its own
+    np.testing.assert_array_equal(
+        algo.training_reward("success_placebo", np.array([[1.0, 0.0, 1.0, 0.0, 0.0]]),
+                             success_threshold=SUCCESS_THRESHOLD), [[0, 0, 1, 0, 1]])
+
+
 def test_success_or_rubric_is_not_gameable_on_real_episodes():
     """Every domain x branch type, real episodes scored by the rubric: the gold path gets 1 and every other
     policy 0 in a group it is part of; without it (an all-failure group) do-nothing, refuse-everything and
