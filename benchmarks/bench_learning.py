@@ -343,11 +343,12 @@ def main(argv=None) -> int:
         print(json.dumps({"bench": "learning_paired", **c}))
     print(tables(agg, comps, args.attention, [a for a in ARMS if a in {*args.arms, *args.perturb_arms}]))
     if args.summary:
-        prior_cmd = json.loads(pathlib.Path(args.prior).read_text())["command"] if args.prior else None
+        prior_sum = json.loads(pathlib.Path(args.prior).read_text()) if args.prior else {}
+        prior_cmd = prior_sum.get("command")
         summary = {"command": "python benchmarks/bench_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "prior_command": prior_cmd,
                    "seeds": args.seeds, "overrides": base, "aggregate": agg, "paired": comps,
-                   "wall_s": node_walls(out, args)}
+                   "wall_s": {**prior_sum.get("wall_s", {}), **node_walls(out, args)}}  # the prior's: nodes not rerun
         path = pathlib.Path(args.summary)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))

@@ -127,3 +127,6 @@ def test_prior_summary_and_the_kernel_perturbation(small_run, tmp_path):
     first, second = (json.loads((tmp_path / f).read_text()) for f in ("first.json", "second.json"))
     a, b = first["aggregate"]["xla"]["grpo"]["round1"], second["aggregate"]["xla"]["grpo"]["round1"]
     assert a.keys() == b.keys() and all(b[k]["mean"] == pytest.approx(a[k]["mean"], abs=1e-4) for k in a)
+    # the cost of the nodes measured on another day travels with their values
+    assert second["wall_s"] == first["wall_s"], (first["wall_s"], second["wall_s"])
+    assert {"auto/sft", "auto/grpo"} <= set(first["wall_s"])
