@@ -183,7 +183,9 @@ def paired(results: dict, impl: str, a: str, b: str, key: str, tag_a: str = "rou
     Also how many differences are > 0 and t = mean / se (None from one seed)."""
     A, B = results.get((impl, a), {}), results.get((impl_b or impl, b), {})
     seeds = sorted(set(A) & set(B))
-    d = [A[s][tag_a][f"eval/{key}"] - B[s][tag_b][f"eval/{key}"] for s in seeds
+    # each side at the 4 digits a --prior summary keeps: a report mixing run directories and a prior
+    # gives the same differences (an exact tie stays 0, not a 3e-5 "gain")
+    d = [round(A[s][tag_a][f"eval/{key}"], 4) - round(B[s][tag_b][f"eval/{key}"], 4) for s in seeds
          if tag_a in A[s] and tag_b in B[s] and f"eval/{key}" in A[s][tag_a] and f"eval/{key}" in B[s][tag_b]]
     if not d:
         return None

@@ -108,6 +108,7 @@ def test_prior_summary_and_the_kernel_perturbation(small_run, tmp_path):
             rec = json.loads(p.read_text())
             for tag, m in rec["evals"].items():
                 m["eval/all/pass@1"] = {"round0_sft": 0.2, "round0": 0.25, "round1": 0.3}[tag] + shift
+                m["eval/all/greedy_pass@1"] = 0.5916667  # a tie, stored as 0.5917 in a summary
             p.write_text(json.dumps(rec))
     args = ["--seeds", "0", "--arms", "sft", "grpo", "--attention", "auto", "xla", "--report-only"]
     res = _bench(*args, "--out", str(out), "--summary", str(tmp_path / "first.json"))
@@ -127,6 +128,14 @@ def test_prior_summary_and_the_kernel_perturbation(small_run, tmp_path):
     first, second = (json.loads((tmp_path / f).read_text()) for f in ("first.json", "second.json"))
     a, b = first["aggregate"]["xla"]["grpo"]["round1"], second["aggregate"]["xla"]["grpo"]["round1"]
     assert a.keys() == b.keys() and all(b[k]["mean"] == pytest.approx(a[k]["mean"], abs=1e-4) for k in a)
+    # SFT from its run directory, the rest from the prior: the tie is still a tie
+    for impl in ("auto", "xla"):
+        shutil.copytree(out / impl / "s0" / "sft", tmp_path / "mixed" / impl / "s0" / "sft")
+    res3 = _bench(*args, "--out", str(tmp_path / "mixed"), "--prior", str(tmp_path / "first.json"))
+    assert res3.returncode == 0, res3.stderr[-2000:]
+    tie = [json.loads(x) for x in res3.stdout.splitlines() if x.startswith("{") and '"GRPO - SFT"' in x
+           and "greedy_pass@1" in x]
+    assert len(tie) == 2 and all(r["positive"] == 0 and r["mean"] == 0.0 for r in tie), tie
     # the cost of the nodes measured on another day travels with their values
     assert second["wall_s"] == first["wall_s"], (first["wall_s"], second["wall_s"])
     assert {"auto/sft", "auto/grpo"} <= set(first["wall_s"])
