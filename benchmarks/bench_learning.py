@@ -13,8 +13,9 @@ Arms (each a run of the whole flywheel; runs that are equal up to a point share 
   success_or_rubric  as grpo with partial credit only in groups where no sample succeeded (the lever for
                      branch types GRPO cannot lift: all-failure groups otherwise carry no signal)
   placebo            as grpo, but each sample is paid the success of another sample of its group
-                     (rl.reward=success_placebo): the same updates' sizes without their information, so
-                     GRPO - placebo is what the reward taught and placebo - SFT what updating alone does
+                     (rl.reward=success_placebo): the same updates' sizes without their information (in
+                     expectation -1/(G-1) of it), so GRPO - placebo is about what the reward taught and
+                     placebo - SFT what updating alone does
 Sharing: one SFT run per (seed, attention_impl) -> its checkpoint is copied into every arm; grpo and fresh
 also share round 0 (they differ only in the data of round 1).
 

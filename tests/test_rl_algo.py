@@ -1,4 +1,6 @@
 """GRPO math against values worked out by hand / with plain numpy formulas."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,9 +236,18 @@ def test_success_placebo_pays_another_samples_success_with_the_same_signal():
     np.testing.assert_array_equal(algo.zero_variance_groups(plac), algo.zero_variance_groups(succ))
     np.testing.assert_allclose(np.sort(algo.compute_advantages(plac), axis=1),
                                np.sort(algo.compute_advantages(succ), axis=1), rtol=1e-6)
-    # paid to the successful samples, the placebo's advantages are negative where success's are positive
+    # paid to the successful samples: negative here, where success pays them (a weak reverse signal on average)
     adv_s, adv_p = algo.compute_advantages(succ), algo.compute_advantages(plac)
     assert float((np.asarray(adv_p) * (succ > 0)).sum()) < 0 < float((np.asarray(adv_s) * (succ > 0)).sum())
+    # over every arrangement of k successes in a group of 8 (the samples are exchangeable), a successful
+    # sample's mean placebo advantage is -1/(G-1) times its success advantage: a weak reverse signal
+    for k in range(1, 8):
+        groups = np.array([[1.0 if j in pos else 0.0 for j in range(8)] for pos in itertools.combinations(range(8), k)])
+        a_s = np.asarray(algo.compute_advantages(groups))
+        a_p = np.asarray(algo.compute_advantages(
+            algo.training_reward("success_placebo", groups, success_threshold=SUCCESS_THRESHOLD)))
+        won = groups > 0
+        assert a_p[won].mean() == pytest.approx(-a_s[won].mean() / 7, rel=1e-5)
     # an odd group: the middle sample keeps its own
     np.testing.assert_array_equal(
         algo.training_reward("success_placebo", np.array([[1.0, 0.0, 1.0, 0.0, 0.0]]),

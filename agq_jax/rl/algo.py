@@ -280,10 +280,11 @@ def reward_success_or_rubric(rubric, success_threshold: float):
 @register_training_reward("success_placebo")
 def reward_success_placebo(rubric, success_threshold: float):
     """A control, not a recipe: each sample gets the success of another sample of its group (the group
-    reversed; the middle one of an odd group keeps its own). The samples of a group are drawn alike, so the
-    reward says nothing about the sample it is paid to, while the groups with signal and the advantages'
-    sizes are exactly those of `success`: what the update alone does to held-out metrics, without the
-    information (bench_learning's `placebo` arm). The last axis is the group ([..., G])."""
+    reversed; the middle one of an odd group keeps its own), whatever it did itself. The groups with signal
+    and the advantages' sizes are exactly those of `success`: what updates of that size do without the
+    information (bench_learning's `placebo` arm). Not quite no information: the other sample succeeds a
+    little less often when this one did, so in expectation each advantage is -1/(G-1) times its `success`
+    advantage (a weak reverse signal). The last axis is the group ([..., G])."""
     return reward_success(rubric, success_threshold)[..., ::-1]
 
 
