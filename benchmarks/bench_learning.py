@@ -54,7 +54,6 @@ NODES = {
     "success_or_rubric": ("sft", {"rl.reward": "success_or_rubric"}, None),
     "placebo": ("sft", {"rl.reward": "success_placebo"}, None),
 }
-ARM_NODE = {arm: arm for arm in ARMS}
 # A few-step version of configs/tiny.py (the same shrink as `AGQ_DEMO_SMALL=1 make demo`): checks the machinery.
 SMALL = {"sft.steps": 2, "sft.batch_size": 2, "rl.steps_per_round": 1, "rl.tasks_per_step": 2, "rl.group_size": 2,
          "rl.mini_batch_tasks": 2, "data.heldout_tasks": 5, "eval.k": 2, "eval.batch_size": 4,
@@ -319,7 +318,7 @@ def main(argv=None) -> int:
         arms = args.arms if i == 0 else args.perturb_arms
         for seed in args.seeds:
             for arm in arms:
-                node = ARM_NODE[arm]
+                node = arm  # every arm is the node that ends it (NODES)
                 done = out / impl / f"s{seed}" / node / "bench_done.json"
                 if seed in prior.get((impl, arm), {}) and not done.is_file():
                     results.setdefault((impl, arm), {})[seed] = prior[(impl, arm)][seed]
