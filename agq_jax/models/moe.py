@@ -151,6 +151,56 @@ def _gmm_bwd(tile, res, dy):
 grouped_matmul_padded.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def _mlp_loop(buf, w_gate, w_up, w_down, tiles, start, offset, tile):
+    """SwiGLU of each tile through its expert's three matrices in one loop over groups and tiles: a third of
+    the loop steps and no [P, I] gate / up buffers (measured on 2 cores: block 62 -> 43 ms at 1,024 tokens)."""
+    hit, n_hit = _hit_groups(tiles)
+    dims = (((1,), (0,)), ((), ()))
+    dt = buf.dtype
+
+    def group(i, out):
+        e = offset + hit[i]
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+
+        def one_tile(j, out):
+            r = start[hit[i]] + j * tile
+            x = jax.lax.dynamic_slice_in_dim(buf, r, tile)
+            gate = jax.lax.dot_general(x, wg, dims, preferred_element_type=jnp.float32).astype(dt)
+            up = jax.lax.dot_general(x, wu, dims, preferred_element_type=jnp.float32).astype(dt)
+            y = jax.lax.dot_general(jax.nn.silu(gate) * up, wd, dims, preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(dt), r, 0)
+        return jax.lax.fori_loop(0, tiles[hit[i]], one_tile, out)
+    return jax.lax.fori_loop(0, n_hit, group, jnp.zeros((buf.shape[0], w_down.shape[2]), dt))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def grouped_mlp_padded(buf, w_gate, w_up, w_down, tiles, start, offset, tile: int):
+    """silu(buf @ w_gate) * (buf @ w_up) @ w_down per group, as three `grouped_matmul_padded` calls compute it
+    (same values), fused into one loop for inference. Under differentiation the forward is the three separate
+    loops, whose gate / up outputs the backward needs anyway, and the backward is theirs."""
+    return _mlp_loop(buf, w_gate, w_up, w_down, tiles, start, offset, tile)
+
+
+def _mlp_fwd(buf, w_gate, w_up, w_down, tiles, start, offset, tile):
+    gate = _gmm_loop(buf, w_gate, tiles, start, offset, tile, False)
+    up = _gmm_loop(buf, w_up, tiles, start, offset, tile, False)
+    out = _gmm_loop(jax.nn.silu(gate) * up, w_down, tiles, start, offset, tile, False)
+    return out, (buf, w_gate, w_up, w_down, gate, up, tiles, start, offset)
+
+
+def _mlp_bwd(tile, res, dy):
+    buf, w_gate, w_up, w_down, gate, up, tiles, start, offset = res
+    h, act_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)
+    dh, dw_down = _gmm_bwd(tile, (h, w_down, tiles, start, offset), dy)[:2]
+    dgate, dup = act_vjp(dh)
+    dx_g, dw_gate = _gmm_bwd(tile, (buf, w_gate, tiles, start, offset), dgate)[:2]
+    dx_u, dw_up = _gmm_bwd(tile, (buf, w_up, tiles, start, offset), dup)[:2]
+    return dx_g + dx_u, dw_gate, dw_up, dw_down, None, None, None
+
+
+grouped_mlp_padded.defvjp(_mlp_fwd, _mlp_bwd)
+
+
 def experts_ragged(x, top_i, top_w, w_gate, w_up, w_down):
     """Dropless sort-based dispatch with `jax.lax.ragged_dot` (grouped-GEMM kernels on GPU / TPU): sort
     (token, expert) pairs by expert, grouped SwiGLU matmuls, unsort, weighted sum."""
@@ -258,9 +308,9 @@ def experts_megablox(x, top_i, top_w, w_gate, w_up, w_down, batch_rows: int | No
 
 def experts_tiled(x, top_i, top_w, w_gate, w_up, w_down, offset=0, num_experts: int | None = None,
                   tile: int | None = None):
-    """Dropless dispatch for CPU: pairs scattered into a tile-padded buffer (no sort), three looped grouped
-    matmuls over it, gathered back, weighted sum; a decode step of a few tokens reads only the experts it
-    selected. With `offset` / `num_experts` the weights hold several layers' experts ([L*E, ...]) and expert
+    """Dropless dispatch for CPU: pairs scattered into a tile-padded buffer (no sort), a looped grouped SwiGLU
+    over it (`grouped_mlp_padded`), gathered back, weighted sum; a decode step of a few tokens reads only the
+    experts it selected. With `offset` / `num_experts` the weights hold several layers' experts ([L*E, ...]) and expert
     e of this layer is w[offset + e] (inference inside the layer scan, see `LayerStack`)."""
     n, k = top_i.shape
     num_experts = num_experts or w_gate.shape[0]
@@ -269,9 +319,8 @@ def experts_tiled(x, top_i, top_w, w_gate, w_up, w_down, offset=0, num_experts: 
     lay = padded_layout(top_i.reshape(-1), num_experts, tile)
     dt = x.dtype
     buf = jnp.zeros((lay.rows, x.shape[1]), dt).at[lay.dest].set(jnp.repeat(x, k, axis=0), unique_indices=True)
-    gate = grouped_matmul_padded(buf, w_gate.astype(dt), lay.tiles, lay.start, offset, tile)
-    up = grouped_matmul_padded(buf, w_up.astype(dt), lay.tiles, lay.start, offset, tile)
-    out = grouped_matmul_padded(jax.nn.silu(gate) * up, w_down.astype(dt), lay.tiles, lay.start, offset, tile)
+    out = grouped_mlp_padded(buf, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt), lay.tiles, lay.start,
+                             offset, tile)
     out = jnp.take(out, lay.dest, axis=0).reshape(n, k, -1)
     return jnp.sum(out * top_w[..., None].astype(dt), axis=1)
 
