@@ -24,7 +24,10 @@ finished nodes and resumes a killed one from its checkpoints (the driver resumes
 
 Output: one JSON line per (attention, arm, round, group, metric) mean/std/n, paired differences, then tables;
 --summary FILE writes everything as one JSON (docs/learning_benchmark.json is the committed one); --prior FILE
-takes the per-seed values of an earlier summary for seeds whose runs are not under --out.
+takes the per-seed values of an earlier summary for seeds whose runs are not under --out. The summary records
+the recipe the runs resolved to (their config.json, less the benchmark's own variables); a report whose runs
+(or prior) disagree on it stops naming the file and the keys, and a test holds the committed summary to
+configs/tiny.py: the spread `make demo` prints is the spread of the recipe it runs.
 
 Usage: nice -n 10 python benchmarks/bench_learning.py --seeds 0 1 2 3 4 --attention auto xla [--out runs/learning]
        python benchmarks/bench_learning.py --small --seeds 0 1 --out /tmp/lb   # a few-step version (tests)
@@ -65,6 +68,11 @@ SMALL = {"sft.steps": 2, "sft.batch_size": 2, "rl.steps_per_round": 1, "rl.tasks
 HEADLINE = ("greedy_pass@1", "reward_mean", "pass@1", "pass@4", "pass^4")
 BRANCHES = ("legal", "refusal", "transfer", "clarification", "confirmation")
 ROUND_NAMES = {"round0_sft": "SFT", "round0": "round 0", "round1": "round 1"}
+# Keys of a run's resolved config.json that are not the recipe: bookkeeping, and the benchmark's own variables
+# (the seed, the kernel, what the arms change). An SFT-only node is held only to what SFT reads.
+NOT_RECIPE = ("run_dir", "seed", "verbose", "name", "model.attention_impl", "checkpoint", "export", "smoke",
+              *sorted({k for _, extra, _ in NODES.values() for k in extra}))
+SFT_SECTIONS = ("sft", "model", "tokenizer", "data", "eval", "rollout", "env")
 
 
 def load_config(overrides: dict):
@@ -88,6 +96,53 @@ def stop_step(cfg, where: str | None) -> int:
         return -1
     n = int(cfg.sft.steps) + 1
     return n if where == "sft" else n + int(cfg.rl.steps_per_round) + 1
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def recipe(config: dict) -> dict:
+    """{dotted key: value} of a resolved run config (config.json) that the figures depend on."""
+    return {k: v for k, v in _flat(config).items() if not _under(k, NOT_RECIPE)}
+
+
+def recipe_diff(a: dict, b: dict, node: str) -> list[str]:
+    """Keys on which a node's recipe disagrees with a reference one."""
+    keys = a.keys() | b.keys()
+    if node == "sft":
+        keys = {k for k in keys if _under(k, SFT_SECTIONS)}
+    return sorted(k for k in keys if a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def check_recipes(recipes: list, prior: dict | None = None) -> dict:
+    """One recipe across the report's runs ([(config.json path, node, recipe)]) and its --prior summary."""
+    full = [r for r in recipes if r[1] != "sft"] or recipes
+    if not full:
+        return (prior or {}).get("recipe", {})
+    ref_path, ref_node, ref = full[0]
+    for path, node, rec in recipes:
+        diff = recipe_diff(rec, ref, node)
+        if diff:
+            raise SystemExit(f"{path}: the run's recipe differs from {ref_path} in {', '.join(diff[:8])}"
+                             f"{' ...' if len(diff) > 8 else ''}: one report, one recipe")
+    if prior and prior.get("recipe"):
+        diff = recipe_diff(prior["recipe"], ref, ref_node)  # only SFT's keys if these runs are SFT only
+        if diff:
+            raise SystemExit(f"--prior summary: its recipe differs from {ref_path} in {', '.join(diff[:8])}")
+        if ref_node == "sft":
+            return prior["recipe"]
+    return ref
 
 
 def _children_cpu_s() -> float:
@@ -303,6 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prior", default="", help="an earlier --summary file: its seeds count where --out has no run")
     args = ap.parse_args(argv)
     prior = prior_results(args.prior) if args.prior else {}
+    prior_sum = json.loads(pathlib.Path(args.prior).read_text()) if args.prior else {}
 
     base = dict(SMALL) if args.small else {}
     for kv in args.set:
@@ -314,6 +370,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out).resolve()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results: dict = {}
+    recipes: list = []
     for i, impl in enumerate(args.attention):
         arms = args.arms if i == 0 else args.perturb_arms
         for seed in args.seeds:
@@ -329,7 +386,13 @@ def main(argv=None) -> int:
                     rec = json.loads(done.read_text())
                 else:
                     rec = run_node(out, impl, seed, node, base, log)
+                cfg_path = done.parent / "config.json"
+                if not cfg_path.is_file():
+                    raise SystemExit(f"{cfg_path}: missing (every run writes its resolved config there; the "
+                                     f"report records the recipe from it)")
+                recipes.append((cfg_path, node, recipe(json.loads(cfg_path.read_text()))))
                 results.setdefault((impl, arm), {})[seed] = arm_evals(rec, arm)
+    run_recipe = check_recipes(recipes, prior_sum)
     agg = aggregate(results)
     comps = comparisons(results, args.attention)
     for impl, by_arm in agg.items():
@@ -345,11 +408,10 @@ def main(argv=None) -> int:
         print(json.dumps({"bench": "learning_paired", **c}))
     print(tables(agg, comps, args.attention, [a for a in ARMS if a in {*args.arms, *args.perturb_arms}]))
     if args.summary:
-        prior_sum = json.loads(pathlib.Path(args.prior).read_text()) if args.prior else {}
         prior_cmd = prior_sum.get("command")
         summary = {"command": "python benchmarks/bench_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "prior_command": prior_cmd,
-                   "seeds": args.seeds, "overrides": base, "aggregate": agg, "paired": comps,
+                   "seeds": args.seeds, "overrides": base, "recipe": run_recipe, "aggregate": agg, "paired": comps,
                    "wall_s": {**prior_sum.get("wall_s", {}), **node_walls(out, args)}}  # the prior's: nodes not rerun
         path = pathlib.Path(args.summary)
         tmp = path.with_suffix(".tmp")

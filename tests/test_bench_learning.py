@@ -80,6 +80,7 @@ def test_statistics_over_seeds_from_the_records(small_run, tmp_path):
             m["eval/all/pass@1"] += 0.1
         (out / "auto" / "s1" / node).mkdir(parents=True)
         (out / "auto" / "s1" / node / "bench_done.json").write_text(json.dumps(rec))
+        shutil.copy(out / "auto" / "s0" / node / "config.json", out / "auto" / "s1" / node / "config.json")
     res = _bench("--seeds", "0", "1", "--arms", "sft", "grpo", "fresh", "--attention", "auto", "--out", str(out),
                  "--report-only")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -139,3 +140,47 @@ def test_prior_summary_and_the_kernel_perturbation(small_run, tmp_path):
     # the cost of the nodes measured on another day travels with their values
     assert second["wall_s"] == first["wall_s"], (first["wall_s"], second["wall_s"])
     assert {"auto/sft", "auto/grpo"} <= set(first["wall_s"])
+
+
+def test_one_report_one_recipe(small_run, tmp_path):
+    """A report's runs must share a recipe (their config.json, less seed / kernel / each arm's own change): a
+    seed trained with another KL coefficient stops the report, naming its file and the key; an SFT-only node
+    is held only to what SFT reads."""
+    src, _ = small_run
+    out = tmp_path / "lb"
+    for seed in (0, 1):
+        shutil.copytree(src / "auto" / "s0", out / "auto" / f"s{seed}", ignore=shutil.ignore_patterns("checkpoints"))
+    args = ["--seeds", "0", "1", "--arms", "sft", "grpo", "fresh", "--attention", "auto", "--report-only",
+            "--out", str(out), "--summary", str(tmp_path / "s.json")]
+
+    def edit(node, key, value):
+        p = out / "auto" / "s1" / node / "config.json"
+        cfg = json.loads(p.read_text())
+        section, leaf = key.split(".")
+        cfg[section][leaf] = value
+        p.write_text(json.dumps(cfg))
+
+    edit("sft", "rl.kl_coef", 0.5)        # SFT does not read rl: same recipe
+    res = _bench(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["recipe"]["rl.kl_coef"] == 0.05 and summary["recipe"]["sft.steps"] == 2
+    assert not {"seed", "model.attention_impl", "synth.agentic.expansion"} & summary["recipe"].keys()  # variables
+    edit("grpo", "rl.kl_coef", 0.5)
+    res = _bench(*args)
+    assert res.returncode != 0
+    assert "s1/grpo/config.json" in res.stderr and "rl.kl_coef" in res.stderr, res.stderr[-2000:]
+
+
+def test_committed_figures_are_the_shipped_recipe():
+    """docs/learning_benchmark.json (the spread `make demo` prints beside its numbers, the README's table) was
+    measured with the recipe configs/tiny.py ships: change the recipe, re-run the benchmark."""
+    from agq_jax.demo import seed_spread
+    from agq_jax.run_config.core import load
+
+    summary = json.loads((ROOT / "docs" / "learning_benchmark.json").read_text())
+    shipped = bench_learning.recipe(json.loads(json.dumps(load(str(ROOT / "configs" / "tiny.py")).to_dict(),
+                                                          default=list)))
+    assert bench_learning.recipe_diff(shipped, summary["recipe"], "grpo") == []
+    spread = seed_spread(load(str(ROOT / "configs" / "tiny.py")).model.attention_impl)
+    assert {"all/pass@1", "all/greedy_pass@1"} <= spread.keys() and spread["all/pass@1"][0]["n"] >= 5
