@@ -286,10 +286,9 @@ def comparisons(results: dict, impls) -> list[dict]:
     return rows
 
 
-def prior_results(path: str) -> dict:
-    """results[(impl, arm)][seed] of an earlier run, from its --summary file (per-seed values, 4 digits): lets a
-    report combine seeds measured on another day without their run directories."""
-    s = json.loads(pathlib.Path(path).read_text())
+def prior_results(s: dict, path: str) -> dict:
+    """results[(impl, arm)][seed] of an earlier run, from its --summary `s` read from `path` (per-seed values,
+    4 digits): lets a report combine seeds measured on another day without their run directories."""
     seeds, out = s["seeds"], {}
     for impl, by_arm in s["aggregate"].items():
         for arm, by_tag in by_arm.items():
@@ -357,8 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="aggregate finished nodes, run nothing")
     ap.add_argument("--prior", default="", help="an earlier --summary file: its seeds count where --out has no run")
     args = ap.parse_args(argv)
-    prior = prior_results(args.prior) if args.prior else {}
     prior_sum = json.loads(pathlib.Path(args.prior).read_text()) if args.prior else {}
+    prior = prior_results(prior_sum, args.prior) if args.prior else {}
 
     base = dict(SMALL) if args.small else {}
     for kv in args.set:
