@@ -12,13 +12,14 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 
 .PHONY: demo test install clean bench aot tpu-venv
 
+include mk/pip.mk
 include mk/sglang.mk
 .DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(call pip_install,$(PY),pip==$(PIP_VERSION))
+	$(call pip_install,$(PY),-r requirements.txt -r requirements-test.txt)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -35,7 +36,7 @@ TPU_STAMP := $(TPU_VENV)/.installed-libtpu-$(LIBTPU_VERSION)
 
 $(TPU_STAMP): $(STAMP)
 	test -x $(TPU_VENV)/bin/python || $$($(PY) -c 'import sys; print(sys._base_executable)') -m venv $(TPU_VENV)
-	$(TPU_VENV)/bin/python -m pip install -q --no-deps libtpu==$(LIBTPU_VERSION)
+	$(call pip_install,$(TPU_VENV)/bin/python,--no-deps libtpu==$(LIBTPU_VERSION))
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
 	  $$($(TPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/agq_base_venv.pth
 	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -c "import jax, libtpu, flax; print('libtpu ok, jax', jax.__version__)"

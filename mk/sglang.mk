@@ -34,10 +34,10 @@ endef
 $(SGLANG_STAMP): requirements-sglang.txt
 	$(call sglang_check_python,$(if $(wildcard $(SGLANG_VENV)/bin/python),$(SGLANG_VENV)/bin/python,$(SGLANG_PYTHON)))
 	test -x $(SGLANG_VENV)/bin/python || $(SGLANG_PYTHON) -m venv $(SGLANG_VENV)
-	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
-	$(SGLANG_VENV)/bin/python -m pip install -q -r requirements-sglang.txt
+	$(call pip_install,$(SGLANG_VENV)/bin/python,pip==$(PIP_VERSION))
+	$(call pip_install,$(SGLANG_VENV)/bin/python,-r requirements-sglang.txt)
 	if [ "$(SGLANG_JAX_EXTRA)" != "cpu" ]; then \
-	  $(SGLANG_VENV)/bin/python -m pip install -q "sglang-jax[$(SGLANG_JAX_EXTRA)]==$(SGLANG_JAX_VERSION)"; fi
+	  $(call pip_install,$(SGLANG_VENV)/bin/python,"sglang-jax[$(SGLANG_JAX_EXTRA)]==$(SGLANG_JAX_VERSION)"); fi
 	$(SGLANG_VENV)/bin/python -c "import sgl_jax.launch_server, jax; print('sglang-jax ok, jax', jax.__version__)"
 	touch $@
 
@@ -46,8 +46,8 @@ sglang-venv: $(SGLANG_STAMP)
 $(SGLANG_GPU_STAMP):
 	$(call sglang_check_python,$(if $(wildcard $(SGLANG_GPU_VENV)/bin/python),$(SGLANG_GPU_VENV)/bin/python,$(SGLANG_PYTHON)))
 	test -x $(SGLANG_GPU_VENV)/bin/python || $(SGLANG_PYTHON) -m venv $(SGLANG_GPU_VENV)
-	$(SGLANG_GPU_VENV)/bin/python -m pip install -q --upgrade pip
-	$(SGLANG_GPU_VENV)/bin/python -m pip install -q "sglang==$(SGLANG_GPU_VERSION)"
+	$(call pip_install,$(SGLANG_GPU_VENV)/bin/python,pip==$(PIP_VERSION))
+	$(call pip_install,$(SGLANG_GPU_VENV)/bin/python,"sglang==$(SGLANG_GPU_VERSION)")
 	$(SGLANG_GPU_VENV)/bin/python -c "import sglang; print('sglang', sglang.__version__)"
 	touch $@
 
