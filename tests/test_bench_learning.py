@@ -91,6 +91,9 @@ def test_statistics_over_seeds_from_the_records(small_run, tmp_path):
     gain = next(r for r in rows if r["bench"] == "learning_paired" and r["comparison"] == "GRPO - SFT"
                 and r["metric"] == "all/pass@1")
     assert gain["mean"] == pytest.approx(0.1) and gain["positive"] == 2 and gain["std"] == pytest.approx(0.0, abs=1e-9)
+    assert gain["t"] == float("inf")  # the same gain in every seed: not mean / (float residue)
+    table = next(x for x in res.stdout.splitlines() if "GRPO - SFT" in x and "all/pass@1" in x and "{" not in x)
+    assert table.split()[7:9] == ["inf", "2/2"], table
     fly = next(r for r in rows if r["bench"] == "learning_paired" and r["comparison"] == "flywheel - fresh"
                and r["metric"] == "all/pass@1")
     assert fly["mean"] == pytest.approx(0.04)
