@@ -25,24 +25,26 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BRANCHES = ("legal", "clarification")       # the branch types whose gold path writes a chosen value
+LISTED_WITHIN = 24                          # characters between two options' starts that make them a listing
 
 
 def token_classes(tok, token_ids: list[int], options: list[str]) -> list[str]:
     """digit | choice | text per token (`options`: the write tool's enum values). A token is `choice` when it
     overlaps an occurrence of a word-valued option in the decoded text (a value may span several tokens, or
-    share one with fixed text: "...(payee: savings)?"); options that are digits are copied as digits."""
+    share one with fixed text: "...(payee: savings)?"), unless another option stands next to it (a listing,
+    "(landlord or savings)", is fixed text, not a choice); options that are digits are copied as digits."""
     pieces = [tok.decode([t]) for t in token_ids]
     starts, pos = [], 0
     for p in pieces:
         starts.append(pos)
         pos += len(p)
     text = "".join(pieces)
+    found = [(m.start(), m.end(), o) for o in options if not o[:1].isdigit()
+             for m in re.finditer(r"\b" + re.escape(o) + r"\b", text)]
     marked = [False] * len(text)
-    for o in options:
-        if o[:1].isdigit():
-            continue
-        for m in re.finditer(r"\b" + re.escape(o) + r"\b", text):
-            marked[m.start():m.end()] = [True] * (m.end() - m.start())
+    for a, b, o in found:
+        if not any(o2 != o and abs(a2 - a) <= LISTED_WITHIN for a2, _, o2 in found):
+            marked[a:b] = [True] * (b - a)
     out = []
     for p, a in zip(pieces, starts):
         if p.strip().isdigit():

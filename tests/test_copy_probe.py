@@ -92,3 +92,18 @@ def test_probe_of_a_run_directory(tmp_path, setup):
     r = copy_probe.probe_run(str(run), "round_1", n_tasks=1)
     assert r["accuracy"]["legal/choice"]["n"] > 0
     assert r["accuracy"]["legal/digit"]["accuracy"] < 0.5
+
+
+def test_a_listing_of_the_options_is_not_a_choice(setup):
+    """The agent's "(landlord or savings)?" is fixed text; "(payee: savings)?" and the call's value are the choice."""
+    _, tok = setup
+    opts = ["landlord", "savings"]
+
+    def choice_text(text):
+        ids = tok.encode(text, add_special_tokens=False)
+        return "".join(tok.decode([i]) for i, c in zip(ids, copy_probe.token_classes(tok, ids, opts)) if c == "choice")
+
+    assert choice_text("which payee do you want (landlord or savings)?") == ""
+    assert "savings" in choice_text("Shall I send $120 from it (payee: savings)?")
+    assert "landlord" in choice_text('{"payee": "landlord", "amount": 120}')
+    assert choice_text("Account A-4840 is active.") == ""
