@@ -54,6 +54,12 @@ def token_classes(tok, token_ids: list[int], options: list[str]) -> list[str]:
     return out
 
 
+def write_options(task) -> list[str]:
+    """The enum values of the task's write tool (the choice the user makes), in the schema's order."""
+    write = next(t for t in task.tools if t.kind == "write")
+    return next(p["enum"] for p in write.parameters["properties"].values() if "enum" in p)
+
+
 def _value(piece: str, options: list[str]) -> str | None:
     """The option a token stands for: one it contains, else the only one containing it (a piece of a value)."""
     hits = [o for o in options if o in piece]
@@ -80,8 +86,7 @@ def probe(rc, tok, predict, n_tasks: int) -> dict:
                 item = Item(AGENTIC, task.id, task)
                 item.gold = verify_gold(item, world)
                 ex = expert_sequence(item, tok, ids, rc)
-                write = next(t for t in task.tools if t.kind == "write")
-                options = next(p["enum"] for p in write.parameters["properties"].values() if "enum" in p)
+                options = write_options(task)
                 x = ex["token_ids"]
                 pred = predict(x)
                 classes = token_classes(tok, x, options)
@@ -95,7 +100,7 @@ def probe(rc, tok, predict, n_tasks: int) -> dict:
                         want = _value(tok.decode([x[j]]), options)
                         got = _value(tok.decode([int(pred[j - 1])]), options)
                         swaps[(domain, f"{want} -> {got}" if got != want else f"{want} (other token)")] += 1
-                        first[branch] += got == options[0] != want
+                        first[branch] += got == options[0] and want != options[0]
     acc = {f"{b}/{c}": {"right": right[(b, c)], "n": seen[(b, c)], "accuracy": right[(b, c)] / seen[(b, c)]}
            for b, c in sorted(seen)}
     errors = {b: seen[(b, "choice")] - right[(b, "choice")] for b in BRANCHES}

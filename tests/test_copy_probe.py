@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import copy_probe  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import copy_probe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,7 @@ def test_first_option_predictor_is_counted_as_such(setup):
 
     firsts = {}
     for d in all_domains():
-        write = next(t for t in generate_task(d, "legal", 1, Knobs(level=0)).tools if t.kind == "write")
-        opts = next(p["enum"] for p in write.parameters["properties"].values() if "enum" in p)
+        opts = copy_probe.write_options(generate_task(d, "legal", 1, Knobs(level=0)))
         if not opts[0][:1].isdigit():
             firsts[d] = opts
 
