@@ -13,6 +13,9 @@ barrier and transformers gets 10-20x slower at 2 threads while XLA:CPU loses far
 ratio. On a shared host `chrt -f 1 python benchmarks/bench_model_cpu.py ...` gives the process the cores for
 its ~1 minute (real-time class; the kernel still leaves others 5%); the table warns when the host was busy.
 Prints one JSON line per measurement, then a table with the ratio agq_jax / transformers (target >= 1.0).
+`gemm` rows time one jitted XLA:CPU dot against torch's matmul (MKL) on the model's own weight shapes
+(MLP up projection, LM head) at the rows a phase feeds them (decode 1 / 8, prefill batch x prompt): the
+library gap under the model ratios, which moves with the CPU.
 
 Usage: python benchmarks/bench_model_cpu.py [--hidden 512] [--layers 4] [--batches 1 8] [--moe [--moe-impl tiled]]
 """
@@ -36,6 +39,9 @@ from flax import nnx
 from agq_jax.models import qwen3
 
 
+EXPERTS, TOP_K = 16, 4  # the MoE shape of --moe
+
+
 def build(args, out_dir):
     common = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
@@ -43,7 +49,7 @@ def build(args, out_dir):
                   tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     if args.moe:
-        cfg = transformers.Qwen3MoeConfig(**common, num_experts=16, num_experts_per_tok=4,
+        cfg = transformers.Qwen3MoeConfig(**common, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                                           moe_intermediate_size=args.hidden // 2, norm_topk_prob=True)
         hf = transformers.Qwen3MoeForCausalLM(cfg)
     else:
@@ -142,6 +148,27 @@ def agq_generate(model, ids, new_tokens, weights=None):
     return np.stack(jax.device_get(toks), 1)
 
 
+def gemm_rows(args, repeats):
+    """(name, rows, flops, agq times, torch times) of single fp32 matmuls, the two libraries interleaved."""
+    rng, out, tokens = np.random.RandomState(1), [], max(args.batches) * args.prompt_len
+    # an expert sees about tokens * top-k / experts rows of a batch
+    mlp = ("expert_up", args.hidden // 2, tokens * TOP_K // EXPERTS) if args.moe else ("mlp_up", args.hidden * 3, tokens)
+    for name, n, rows in (mlp, ("lm_head", args.vocab, tokens)):
+        k = args.hidden
+        w = rng.randn(k, n).astype(np.float32)
+        w_j, w_t = jnp.asarray(w), torch.from_numpy(w)
+        for m in sorted({1, 8, rows}):
+            x = rng.randn(m, k).astype(np.float32)
+            x_j, x_t = jnp.asarray(x), torch.from_numpy(x)
+            t_agq, t_hf = best_of_pair(lambda: _matmul(x_j, w_j).block_until_ready(), lambda: x_t @ w_t,
+                                       max(repeats, 20))  # microseconds each: more calls for a stable best
+            out.append((f"gemm {name}", m, 2 * m * k * n, t_agq, t_hf))
+    return out
+
+
+_matmul = jax.jit(jnp.matmul)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -154,6 +181,7 @@ def main():
     ap.add_argument("--moe", action="store_true")
     ap.add_argument("--moe-impl", default="tiled", choices=["tiled", "ragged", "dense"],
                     help="expert computation (ragged_dot is lowered densely by XLA:CPU; tiled is the CPU choice)")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the single-matmul reference rows")
     ap.add_argument("--no-split", action="store_true",
                     help="pass the stacked weights (scanned layers) even on CPU: the path before the split")
     args = ap.parse_args()
@@ -192,6 +220,7 @@ def main():
         assert (agq_generate(ours, ids_j, args.new_tokens, weights) == hf_gen()).mean() > 0.9  # same greedy tokens
         t_agq, t_hf = best_of_pair(lambda: agq_generate(ours, ids_j, args.new_tokens, weights), hf_gen, args.repeats)
         rows.append(("decode", batch, batch * args.new_tokens, t_agq, t_hf))
+    gemms = [] if args.no_gemm else gemm_rows(args, args.repeats)
 
     model = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "moe": args.moe,
              "moe_impl": args.moe_impl if args.moe else None,
@@ -205,6 +234,11 @@ def main():
                           "agq_median_over_best": round(float(np.median(t_agq) / min(t_agq)), 3),
                           "transformers_median_over_best": round(float(np.median(t_hf) / min(t_hf)), 3),
                           "repeats": len(t_agq), "split_layer_weights": SPLIT, **model, **env}))
+    for name, m, flops, t_agq, t_hf in gemms:
+        print(json.dumps({"bench": "model_cpu", "phase": name, "rows": m, "flops": flops,
+                          "agq_gflop_s": round(flops / min(t_agq) / 1e9, 1),
+                          "transformers_gflop_s": round(flops / min(t_hf) / 1e9, 1),
+                          "ratio": round(min(t_hf) / min(t_agq), 3), "repeats": len(t_agq), **model, **env}))
     print(f"\n{env['cpu']} ({env['cpus']} cpus; threads xla {env['xla_threads']} / torch {env['torch_threads']}; "
           f"load {env['load_avg_1m_start']} -> {env['load_avg_1m']}; sched {env['sched']}, nice {env['nice']})"
           f"\nISA: {env['isa']}{'' if env['amx'] else ' (no AMX)'}\njax {env['jax_version']}, torch "
@@ -219,6 +253,11 @@ def main():
         spread = f"{np.median(t_agq) / min(t_agq):.2f} / {np.median(t_hf) / min(t_hf):.2f}"
         print(f"{phase:<8} {batch:>5} {a:>14.1f} {r:>19.1f} {a / r:>6.2f} "
               f"{np.median(t_hf) / np.median(t_agq):>17.2f} {spread:>16}")
+    if gemms:
+        print(f"\n{'one fp32 matmul':<16} {'rows':>5} {'XLA:CPU GFLOP/s':>16} {'torch GFLOP/s':>14} {'ratio':>6}")
+        for name, m, flops, t_agq, t_hf in gemms:
+            print(f"{name:<16} {m:>5} {flops / min(t_agq) / 1e9:>16.1f} {flops / min(t_hf) / 1e9:>14.1f} "
+                  f"{min(t_hf) / min(t_agq):>6.2f}")
 
 
 if __name__ == "__main__":
