@@ -236,8 +236,9 @@ def main():
                           "repeats": len(t_agq), "split_layer_weights": SPLIT, **model, **env}))
     for name, m, flops, t_agq, t_hf in gemms:
         print(json.dumps({"bench": "model_cpu", "phase": name, "rows": m, "flops": flops,
-                          "agq_gflop_s": round(flops / min(t_agq) / 1e9, 1),
-                          "transformers_gflop_s": round(flops / min(t_hf) / 1e9, 1),
+                          "agq_us": round(min(t_agq) * 1e6, 2), "transformers_us": round(min(t_hf) * 1e6, 2),
+                          "agq_gflop_s": round(flops / min(t_agq) / 1e9, 3),
+                          "transformers_gflop_s": round(flops / min(t_hf) / 1e9, 3),
                           "ratio": round(min(t_hf) / min(t_agq), 3), "repeats": len(t_agq), **model, **env}))
     print(f"\n{env['cpu']} ({env['cpus']} cpus; threads xla {env['xla_threads']} / torch {env['torch_threads']}; "
           f"load {env['load_avg_1m_start']} -> {env['load_avg_1m']}; sched {env['sched']}, nice {env['nice']})"

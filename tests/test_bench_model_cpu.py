@@ -27,6 +27,7 @@ def test_rows_report_the_shapes_they_time(moe):
     assert set(gemms) == set(expected)
     for (name, m), n in expected.items():
         assert gemms[name, m]["flops"] == 2 * m * 128 * n
-        assert gemms[name, m]["agq_gflop_s"] > 0 and gemms[name, m]["transformers_gflop_s"] > 0
+        row = gemms[name, m]  # both sides timed (not a speed check: a busy host may be arbitrarily slow)
+        assert row["repeats"] >= 20 and row["agq_us"] > 0 and row["transformers_us"] > 0
     assert rows[0]["cpu"] and "isa" in rows[0]
     assert "one fp32 matmul" in out.stdout
