@@ -148,13 +148,15 @@ def agq_generate(model, ids, new_tokens, weights=None):
     return np.stack(jax.device_get(toks), 1)
 
 
+_matmul = jax.jit(jnp.matmul)
+
+
 def gemm_rows(args, repeats):
     """(name, rows, flops, agq times, torch times) of single fp32 matmuls, the two libraries interleaved."""
-    rng, out, tokens = np.random.RandomState(1), [], max(args.batches) * args.prompt_len
-    # an expert sees about tokens * top-k / experts rows of a batch
-    mlp = ("expert_up", args.hidden // 2, tokens * TOP_K // EXPERTS) if args.moe else ("mlp_up", args.hidden * 3, tokens)
+    rng, out, k, tokens = np.random.RandomState(1), [], args.hidden, max(args.batches) * args.prompt_len
+    mlp = (("expert_up", k // 2, tokens * TOP_K // EXPERTS)  # an expert's share of a batch's rows
+           if args.moe else ("mlp_up", k * 3, tokens))
     for name, n, rows in (mlp, ("lm_head", args.vocab, tokens)):
-        k = args.hidden
         w = rng.randn(k, n).astype(np.float32)
         w_j, w_t = jnp.asarray(w), torch.from_numpy(w)
         for m in sorted({1, 8, rows}):
@@ -164,9 +166,6 @@ def gemm_rows(args, repeats):
                                        max(repeats, 20))  # microseconds each: more calls for a stable best
             out.append((f"gemm {name}", m, 2 * m * k * n, t_agq, t_hf))
     return out
-
-
-_matmul = jax.jit(jnp.matmul)
 
 
 def main():

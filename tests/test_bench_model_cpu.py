@@ -26,8 +26,9 @@ def test_rows_report_the_shapes_they_time(moe):
     expected = {(mlp[0], m): mlp[1] for m in {1, 8, mlp[2]}} | {("gemm lm_head", m): 512 for m in (1, 8, tokens)}
     assert set(gemms) == set(expected)
     for (name, m), n in expected.items():
-        assert gemms[name, m]["flops"] == 2 * m * 128 * n
-        row = gemms[name, m]  # both sides timed (not a speed check: a busy host may be arbitrarily slow)
+        row = gemms[name, m]
+        assert row["flops"] == 2 * m * 128 * n
+        # both sides timed; not a speed check (a busy host may be arbitrarily slow)
         assert row["repeats"] >= 20 and row["agq_us"] > 0 and row["transformers_us"] > 0
     assert rows[0]["cpu"] and "isa" in rows[0]
     assert "one fp32 matmul" in out.stdout
