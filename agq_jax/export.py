@@ -2,23 +2,17 @@
 
     python -m agq_jax.export --checkpoint=DIR --out=DIR [--dtype=bfloat16] [--max_shard_gb=5]
 
-DIR may be an HF Qwen3 / Qwen3-MoE directory. Other formats (the trainer's orbax checkpoints) plug in through
-`register_checkpoint_loader(name, detect, load)`; the first loader whose `detect(path)` is true loads the model.
+DIR is an HF Qwen3 / Qwen3-MoE directory, a training run's directory (its latest checkpoint) or one of its
+`checkpoints/<step>` directories: a run stopped mid-round, or an SFT-only run, exports like a finished round
+(the run's config, vocabulary and weights; its procedural tokenizer travels with it).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Callable
 
-from absl import app, flags, logging
-
-_LOADERS: list[tuple[str, Callable[[Path], bool], Callable]] = []
-
-
-def register_checkpoint_loader(name: str, detect: Callable[[Path], bool], load: Callable) -> None:
-    """`load(path, dtype) -> Qwen3ForCausalLM`; registered loaders are tried before the built-in HF one."""
-    _LOADERS.insert(0, (name, detect, load))
+from absl import app, flags
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -27,32 +21,27 @@ def _is_hf_dir(path: Path) -> bool:
         (path / hf_io.INDEX_NAME).is_file() or (path / hf_io.SINGLE_NAME).is_file())
 
 
-def _looks_like_orbax(path: Path) -> bool:
-    return (path / "_CHECKPOINT_METADATA").exists() or any(path.glob("*/_CHECKPOINT_METADATA")) or \
-        any(path.glob("*.orbax-checkpoint*"))
-
-
-def _load_hf(path: Path, dtype):
-    from agq_jax.models import qwen3
-    return qwen3.from_pretrained(path, dtype=dtype)
-
-
 def load_checkpoint(path, dtype=None):
-    """The model stored at `path`, through the first loader that recognises it."""
+    """(model, tokenizer dir or None, shard size or None) of the checkpoint at `path`: a run's orbax checkpoint
+    (weights in the run's param dtype, shards of its export.max_shard_bytes) or an HF directory (in `dtype`,
+    default float32)."""
     import jax.numpy as jnp
+
+    from agq_jax.driver import build
+    from agq_jax.models import qwen3
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    dtype = dtype or jnp.float32
-    for name, detect, load in _LOADERS + [("hf", _is_hf_dir, _load_hf)]:
-        if detect(path):
-            logging.info("loading %s checkpoint %s", name, path)
-            return load(path, dtype)
-    if _looks_like_orbax(path):
-        raise NotImplementedError(
-            f"{path} looks like an orbax checkpoint but no orbax loader is registered; the trainer provides one "
-            "via agq_jax.export.register_checkpoint_loader")
-    raise FileNotFoundError(f"{path} is neither an HF directory (config.json + safetensors) nor a known checkpoint")
+    run = build.run_checkpoint(path)
+    if run is not None:
+        model, rc = build.load_run_model(*run)
+        tok_dir = run[0] / "tokenizer" if rc.tokenizer.kind == "procedural" else None
+        return model, tok_dir, rc.export.max_shard_bytes
+    if _is_hf_dir(path):
+        tok_dir = path if (path / "tokenizer.json").is_file() else None
+        return qwen3.from_pretrained(path, dtype=dtype or jnp.float32), tok_dir, None
+    raise FileNotFoundError(f"{path} is neither an HF directory (config.json + safetensors), a training run's "
+                            "directory (config.json + checkpoints/) nor one of its checkpoints/<step> directories")
 
 
 def export(checkpoint, out, dtype: str | None = None, max_shard_bytes: int | None = None, tokenizer_dir=None) -> Path:
@@ -61,23 +50,23 @@ def export(checkpoint, out, dtype: str | None = None, max_shard_bytes: int | Non
 
     from agq_jax.models import hf_io
     src = Path(checkpoint)
-    model = load_checkpoint(src, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    model, own_tokenizer, shard_bytes = load_checkpoint(src, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     gen = None
     if (src / "generation_config.json").is_file():
         gen = json.loads((src / "generation_config.json").read_text())
-    if tokenizer_dir is None and (src / "tokenizer.json").is_file():
-        tokenizer_dir = src
+    tokenizer_dir = tokenizer_dir or own_tokenizer
     return hf_io.save_pretrained(model, out, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                                 max_shard_bytes=max_shard_bytes or hf_io.DEFAULT_MAX_SHARD_BYTES,
+                                 max_shard_bytes=max_shard_bytes or shard_bytes or hf_io.DEFAULT_MAX_SHARD_BYTES,
                                  generation_config=gen)
 
 
 def _define_flags():
     """Defined only when run as a script, so importing this module never clashes with the trainer's flags."""
-    flags.DEFINE_string("checkpoint", None, "HF directory (or a registered checkpoint format) to export.")
+    flags.DEFINE_string("checkpoint", None, "HF directory, training run directory or run/checkpoints/<step>.")
     flags.DEFINE_string("out", None, "Output HF directory (replaced atomically).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast params on export (default: keep).")
-    flags.DEFINE_float("max_shard_gb", 5.0, "Maximum safetensors shard size in GiB.")
+    flags.DEFINE_float("max_shard_gb", None, "Maximum safetensors shard size in GiB (default: a run's "
+                       "export.max_shard_bytes, else 5).")
     flags.DEFINE_string("tokenizer_dir", None, "Directory with tokenizer files to copy (default: the source dir's, "
                         "else the Qwen3 tokenizer from agq_jax.tokenizer when the vocab is Qwen3's).")
     flags.mark_flags_as_required(["checkpoint", "out"])
@@ -86,8 +75,12 @@ def _define_flags():
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    out = export(FLAGS.checkpoint, FLAGS.out, dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 1024 ** 3),
-                 tokenizer_dir=FLAGS.tokenizer_dir)
+    shard = int(FLAGS.max_shard_gb * 1024 ** 3) if FLAGS.max_shard_gb else None
+    try:
+        out = export(FLAGS.checkpoint, FLAGS.out, dtype=FLAGS.dtype, max_shard_bytes=shard,
+                     tokenizer_dir=FLAGS.tokenizer_dir)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message names it, no traceback
+        sys.exit(f"agq_jax.export: {e}")
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
 
 

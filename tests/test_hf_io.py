@@ -195,4 +195,7 @@ def test_export_cli(hf_dirs, tmp_path):
     assert all(np.array_equal(original[k], exported[k]) for k in original) and sorted(original) == sorted(exported)
     res = subprocess.run([sys.executable, "-m", "agq_jax.export", f"--checkpoint={tmp_path / 'missing'}",
                           f"--out={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "agq_jax.export", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'x'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "neither an HF directory" in res.stderr and "Traceback" not in res.stderr

@@ -93,6 +93,28 @@ def test_restore_checks_structure_and_metadata(tmp_path):
     assert json.loads((tmp_path / "3" / "meta" / "metadata").read_text())["user"]["round"] == 3
 
 
+
+def test_restore_subtree_reads_only_the_named_leaves(tmp_path):
+    """An export restores a trainer state's params alone (abstract targets, no optimizer moments read) and
+    a target that is not the saved model is refused, naming the leaf."""
+    from flax import nnx
+
+    from agq_jax.rl.checkpoint import CheckpointManager, save_trainer
+    trainer = build_trainer()
+    run_steps(trainer, 0, 1)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.state.params)
+    with CheckpointManager(tmp_path, async_save=False) as mngr:
+        save_trainer(mngr, trainer)
+        got = mngr.restore_subtree("train", ".params", abstract)
+        assert isinstance(got, nnx.State)
+        for a, b in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        with pytest.raises(ValueError, match=r"has no leaf \.params\['w'\]"):
+            mngr.restore_subtree("train", ".params", {"w": jax.ShapeDtypeStruct((2,), np.float32)})
+        with pytest.raises(KeyError, match="no tree 'kl_reference'"):
+            mngr.restore_subtree("kl_reference", ".params", abstract)
+
+
 if __name__ == "__main__":  # the worker that gets killed
     from agq_jax.rl.checkpoint import CheckpointManager
     run_steps(build_trainer(), 0, STEPS, CheckpointManager(sys.argv[1], max_to_keep=2), kill_after=KILL_AFTER)

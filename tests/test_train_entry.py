@@ -12,6 +12,7 @@
   ours.
 - configs/0_6b.py:cpu-smoke (tied embeddings, the v6e-8 layout's fsdp 4 x tensor 2) and
   configs/235b_a22b.py:cpu-smoke: the same entry point for one round of one step, export checked likewise.
+- `python -m agq_jax.export` on the tiny and the 30B-A3B runs' last checkpoints writes their round-1 exports.
 - Knob coverage: over these runs, every knob of the run config (agq_jax/run_config) is read by something.
 
 The runs share one XLA compilation cache, so a re-run (the resume) recompiles nothing.
@@ -216,6 +217,33 @@ def test_every_rounds_export_loads_in_transformers_with_our_logits(smoke_30b, sm
     for r in (0, 1):
         _logits_match(str(smoke_30b["dir"] / "export" / f"round_{r}"))
     _logits_match(str(smoke_8b[0] / "export" / "round_0"))
+
+
+def _safetensors(d):
+    from safetensors.numpy import load_file
+    return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_export_cli_reads_the_trainers_checkpoints(work, tiny, smoke_30b):
+    """`python -m agq_jax.export` on a run's last checkpoint, or on the run directory, writes what the round's
+    own export holds: the same tensors and config, and the run's procedural tokenizer (tiny run); the MoE
+    restored onto its 8-device mesh (checkpoint) and, with one device here, onto that one (run directory)."""
+    d, env = work
+    env = {k: v for k, v in env.items() if k != "AGQ_KNOB_LOG"}  # the knob test counts the training runs' reads
+    cases = [(tiny[0], "step", {}), (smoke_30b["dir"], "step", {}),
+             (smoke_30b["dir"], "run", {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})]
+    for i, (run_dir, form, extra) in enumerate(cases):
+        last = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+        src = run_dir / "checkpoints" / str(last) if form == "step" else run_dir
+        out = d / f"cli_export_{i}"
+        proc = subprocess.run([sys.executable, "-m", "agq_jax.export", f"--checkpoint={src}", f"--out={out}"],
+                              cwd=ROOT, env=dict(env, **extra), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref = run_dir / "export" / "round_1"
+        ours, theirs = _safetensors(out), _safetensors(ref)
+        assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours), src
+        assert json.load(open(out / "config.json")) == json.load(open(ref / "config.json"))
+        assert (out / "tokenizer.json").read_bytes() == (ref / "tokenizer.json").read_bytes()
 
 
 def test_full_size_config_synthesizes_round_0_then_stops_on_memory(work):

@@ -1,13 +1,16 @@
-"""What a run builds from its config before the first step: the mesh, the model, and the HF export.
+"""What a run builds from its config before the first step: the mesh, the model, and the HF export; and the
+model at one of a run's checkpoints (`python -m agq_jax.export`).
 
 The model's architecture and training fields come from `agq_jax.run_config.model_config` (the one
 derivation); with `model.hf_path` the weights load straight into their shardings.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +189,52 @@ def export_hf(model, rc, run_dir: str, out_dir: str) -> str:
         shutil.rmtree(out_dir)
     qwen3.save_pretrained(model, out_dir, tokenizer_dir=tok_dir, max_shard_bytes=rc.export.max_shard_bytes)
     return out_dir
+
+
+def run_checkpoint(path) -> tuple[Path, int] | None:
+    """(run dir, step) when `path` is a training run's directory (its latest checkpoint) or one of its
+    `checkpoints/<step>` directories; None otherwise."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        from agq_jax.rl.checkpoint import CheckpointManager
+
+        with CheckpointManager(path / "checkpoints", async_save=False) as mngr:
+            step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"run {path} has no complete checkpoint under {path / 'checkpoints'}")
+        return path, step
+    if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
+def load_run_model(run_dir, step: int):
+    """(model, run config) at checkpoint `step` of the run in `run_dir`: the run's own config and vocabulary,
+    the policy's weights only (not the optimizer moments), on the run's mesh when this host has its devices,
+    else on one device."""
+    from agq_jax.driver.vocab import load_run_tokenizer
+    from agq_jax.models import qwen3
+    from agq_jax.models.sharding import state_shardings
+    from agq_jax.rl.checkpoint import CheckpointManager
+    from agq_jax.run_config import RunConfig, model_config
+
+    run_dir = Path(run_dir)
+    rc = RunConfig.from_configdict(json.loads((run_dir / "config.json").read_text()))
+    tok = load_run_tokenizer(rc.tokenizer, run_dir, is_writer=False)
+    mcfg = model_config(rc, vocab=vocab_info(rc, tok, SpecialIds.of(tok)))
+    try:
+        mesh = make_mesh(rc)
+    except ValueError as e:  # trained on more devices than this host has: the weights fit one for export
+        print(f"[export] not on the run's mesh ({e}); restoring onto one device", flush=True)
+        mesh = None
+    dtype, pdtype = jnp.dtype(rc.model.dtype), jnp.dtype(rc.model.param_dtype)
+    graphdef, params, rest = nnx.split(nnx.eval_shape(  # as the trainer splits it: its state's .params
+        lambda: qwen3.Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype)), nnx.Param, ...)
+    if mesh is not None:
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                              state_shardings(params, mesh))
+    with CheckpointManager(run_dir / "checkpoints", async_save=False) as mngr:
+        params = mngr.restore_subtree("train", ".params", params, step)
+        if jax.tree.leaves(rest):
+            rest = mngr.restore_subtree("train", ".model_state", rest, step)
+    return nnx.merge(graphdef, params, rest), rc

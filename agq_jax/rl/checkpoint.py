@@ -26,6 +26,8 @@ def _flat(tree) -> tuple[dict[str, Any], list[str]]:
 
 
 def _abstract(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
     if isinstance(leaf, jax.Array):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     arr = np.asarray(leaf)
@@ -67,7 +69,7 @@ class CheckpointManager:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
-        meta_doc = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        meta_doc = self._meta(step)
         args, treedefs = {}, {}
         for name, target in targets.items():
             if name not in meta_doc["paths"]:
@@ -86,10 +88,49 @@ class CheckpointManager:
                for name in targets}
         return out, meta_doc["user"]
 
+    def restore_subtree(self, name: str, prefix: str, target, step: int | None = None):
+        """Only the leaves of tree `name` whose saved paths are `prefix` + a path of `target` (e.g. ".params"
+        of a train state), restored into `target`'s structure, dtypes and shardings (abstract leaves allowed;
+        no sharding: the first device). An export reads the weights, not the optimizer moments (2x more)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        saved = self._meta(step)["paths"]
+        if name not in saved:
+            raise KeyError(f"checkpoint {self.directory}/{step} has no tree {name!r}; saved: {sorted(saved)}")
+        index = {p: i for i, p in enumerate(saved[name])}
+        paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+        keys, items, args = [], {}, {}
+        for path, leaf in paths_leaves:
+            full = prefix + jax.tree_util.keystr(path)
+            if full not in index:
+                raise ValueError(f"checkpoint {self.directory}/{step} tree {name!r} has no leaf {full} (the target "
+                                 f"is not the saved model: {len(saved[name])} saved leaves, e.g. {saved[name][:2]})")
+            key = f"{index[full]:06d}"
+            a = _abstract(leaf)
+            sharding = a.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            keys.append(key)
+            items[key] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+            args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape, dtype=a.dtype)
+        # a reader of its own: this manager's item handlers are bound to StandardSave / StandardRestore
+        reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        try:
+            got = reader.restore(step, args=ocp.args.Composite(**{name: ocp.args.PyTreeRestore(
+                item=items, restore_args=args, partial_restore=True)}))[name]
+        finally:
+            reader.close()
+        for (path, _), key in zip(paths_leaves, keys):
+            if got[key].shape != items[key].shape:
+                raise ValueError(f"checkpoint {self.directory}/{step}: {prefix}{jax.tree_util.keystr(path)} has "
+                                 f"shape {got[key].shape}, the target {items[key].shape}")
+        return jax.tree_util.tree_unflatten(treedef, [got[k] for k in keys])
+
+    def _meta(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+
     def saved_trees(self, step: int) -> list[str]:
         """Names of the pytrees saved at `step` (so a caller can restore optional ones)."""
-        meta_doc = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        return sorted(meta_doc["paths"])
+        return sorted(self._meta(step)["paths"])
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
