@@ -10,8 +10,9 @@ Why: `failure_modes.py` says a sampled episode wrote the wrong payee; this says 
 copied it at all when every earlier token was right, and from where it takes the value instead (the first
 option of the tool schema's enum, seen in the system prompt, means it reads the schema, not the user).
 
-Usage: python benchmarks/copy_probe.py RUN_DIR [RUN_DIR ...] [--export round_1] [--tasks 8] [--json]
-RUN_DIR is a training run directory (its tokenizer/, config.json and export/<round>/).
+Usage: python benchmarks/copy_probe.py RUN_DIR [RUN_DIR ...] [--export round_1|checkpoint] [--tasks 8] [--json]
+RUN_DIR is a training run directory (its tokenizer/, config.json and export/<round>/, or with `--export
+checkpoint` its latest checkpoints/<step>: an SFT-only run has no export of its own).
 """
 from __future__ import annotations
 
@@ -123,7 +124,11 @@ def probe_run(run_dir: str, export: str, n_tasks: int) -> dict:
     with open(os.path.join(run_dir, "config.json")) as f:
         rc = RunConfig.from_configdict(json.load(f))
     tok = load_procedural_tokenizer(os.path.join(run_dir, "tokenizer"))
-    model = qwen3.from_pretrained(os.path.join(run_dir, "export", export), dtype=jnp.float32)
+    if export == "checkpoint":  # the run's latest checkpoint: an SFT-only run, or one stopped mid-round
+        from agq_jax.driver import build
+        model, _ = build.load_run_model(*build.run_checkpoint(run_dir))
+    else:
+        model = qwen3.from_pretrained(os.path.join(run_dir, "export", export), dtype=jnp.float32)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t).logits.argmax(-1))
 
@@ -138,7 +143,8 @@ def probe_run(run_dir: str, export: str, n_tasks: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--export", default="round_1", help="export/<this> of each run")
+    ap.add_argument("--export", default="round_1",
+                    help="export/<this> of each run, or 'checkpoint': its latest training checkpoint")
     ap.add_argument("--tasks", type=int, default=8, help="tasks per domain and branch type")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

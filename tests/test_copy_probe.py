@@ -1,6 +1,7 @@
 """benchmarks/copy_probe.py: teacher-forced accuracy on gold episodes, counted per token class. Predictors
 with a known answer (the gold itself; the gold with every chosen value replaced by the enum's first option)
-and a run directory as training writes it (config.json, tokenizer/, an HF export)."""
+and a run directory as training writes it (config.json, tokenizer/, an HF export or a checkpoint)."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def test_probe_of_a_run_directory(tmp_path, setup):
     r = copy_probe.probe_run(str(run), "round_1", n_tasks=1)
     assert r["accuracy"]["legal/choice"]["n"] > 0
     assert r["accuracy"]["legal/digit"]["accuracy"] < 0.5
+    # the same weights as the trainer checkpoints them (an SFT-only run has no export): the same probe
+    from agq_jax.driver.build import trainer_configs
+    from agq_jax.rl.checkpoint import CheckpointManager
+    from agq_jax.rl.step import Trainer
+
+    trainer = Trainer(qwen3.from_pretrained(run / "export" / "round_1"), *trainer_configs(rc, "sft"))
+    with CheckpointManager(run / "checkpoints", async_save=False) as mngr:
+        mngr.save(3, {"train": trainer.state}, {"round": 0})
+    shutil.rmtree(run / "export")
+    assert copy_probe.probe_run(str(run), "checkpoint", n_tasks=1)["accuracy"] == r["accuracy"]
 
 
 def test_a_listing_of_the_options_is_not_a_choice(setup):
