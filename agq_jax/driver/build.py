@@ -213,7 +213,7 @@ def load_run_model(run_dir, step: int):
     the policy's weights only (not the optimizer moments), on the run's mesh when this host has its devices,
     else on one device."""
     from agq_jax.driver.vocab import load_run_tokenizer
-    from agq_jax.models import qwen3
+    from agq_jax.models.hf_io import abstract_model
     from agq_jax.models.sharding import state_shardings
     from agq_jax.rl.checkpoint import CheckpointManager
     from agq_jax.run_config import RunConfig, model_config
@@ -227,9 +227,8 @@ def load_run_model(run_dir, step: int):
     except ValueError as e:  # trained on more devices than this host has: the weights fit one for export
         print(f"[export] not on the run's mesh ({e}); restoring onto one device", flush=True)
         mesh = None
-    dtype, pdtype = jnp.dtype(rc.model.dtype), jnp.dtype(rc.model.param_dtype)
-    graphdef, params, rest = nnx.split(nnx.eval_shape(  # as the trainer splits it: its state's .params
-        lambda: qwen3.Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype)), nnx.Param, ...)
+    graphdef, abstract = abstract_model(mcfg, jnp.dtype(rc.model.dtype), jnp.dtype(rc.model.param_dtype))
+    params, rest = abstract.split(nnx.Param, ...)  # as the trainer splits it: its state's .params
     if mesh is not None:
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
                               state_shardings(params, mesh))
