@@ -149,3 +149,57 @@ def test_gold_trajectory_renders_to_the_gold_replies_with_the_qwen3_template(tas
             body = text[body_start:text.find("<|im_end|>", body_start)]
             assert body.split("</think>\n\n")[-1] == reply
             pos = body_start
+
+
+def _restated(reply: str, want: str, other: str) -> str:
+    import re
+    return re.sub(rf"(?<![\w-]){re.escape(want)}(?![\w-])", other, reply)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("branch", ["clarification", "legal"])
+def test_a_correcting_user_says_no_to_a_wrong_option_and_cheap_policies_still_lose(tasks, domain, branch):
+    """env.user_corrects: a restatement naming the other option gets "No. I'd like X." and no confirmation;
+    restating right afterwards succeeds, while writing anyway, refusing or doing nothing score below the gold
+    path, and the gold episode is unchanged. (A restatement naming the choice's keyword before it was asked
+    for is itself a question for it: the user reveals the fact, as without the rule.)"""
+    from agq_jax.envs.users import CONFIRM_ASK, wanted_options
+
+    task = tasks[(domain, branch, 0)]
+    (want, others), = wanted_options(task)
+    gold = task.gold_replies
+    i = next(j for j, r in enumerate(gold) if CONFIRM_ASK.search(r) and _restated(r, want, others[0]) != r)
+    wrong_q = _restated(gold[i], want, others[0])
+
+    def play(replies, corrects=True):
+        rec = run_episode(task, replay_agent(replies), user="scripted", tools="state", user_corrects=corrects)
+        return rec, score(task, rec)
+
+    rec, r = play(gold)
+    assert r.total == 1.0 and rec.messages == task.gold_trajectory
+    rec, r = play(gold[:i] + [wrong_q] + gold[i:])                   # wrong, corrected, then right
+    said = [m["content"] for m in rec.messages if m["role"] == "user"]
+    assert f"No. I'd like {want}." in said and r.success, said
+    assert [e["confirmed"] for e in rec.user_events if e["confirmed"] is not None] == [False, True]
+    cheap = {
+        "writes the wrong option after the no": gold[:i] + [wrong_q, _restated(gold[i + 1], want, others[0])],
+        "writes the right option without a yes": gold[:i] + [wrong_q] + gold[i + 1:],
+        "does nothing": ["Goodbye."],
+        "refuses": counterfactual_replies(task, "refuse"),
+    }
+    for name, replies in cheap.items():
+        _, rc = play(replies)
+        assert rc.total < 1.0 and not rc.success, (name, rc.components)
+    # without the rule the scripted user confirms the wrong option: the old world, kept as the default
+    rec, _ = play(gold[:i] + [wrong_q] + gold[i:], corrects=False)
+    assert "Yes, please go ahead." in [m["content"] for m in rec.messages if m["role"] == "user"][2]
+
+
+def test_user_corrects_is_refused_for_a_teacher_user():
+    from agq_jax.run_config import schema
+    from agq_jax.envs.world import WorldSpec
+
+    with pytest.raises(ValueError, match="user_corrects"):
+        WorldSpec(user="teacher", user_corrects=True)
+    with pytest.raises(ValueError, match="config env: .*user_corrects"):
+        schema.EnvSection(user="teacher", user_corrects=True)

@@ -49,7 +49,7 @@ def make_world(env_cfg, client=None, *, scripted: bool = False):
     spec = WorldSpec(user="scripted" if scripted else env_cfg.user, tools="auto" if scripted else env_cfg.tools,
                      judge="none" if scripted else env_cfg.judge, protocol=env_cfg.protocol,
                      gates=tuple(env_cfg.gates), max_agent_turns=env_cfg.max_agent_turns,
-                     max_user_turns=env_cfg.max_user_turns)
+                     max_user_turns=env_cfg.max_user_turns, user_corrects=env_cfg.user_corrects)
     chats = TeacherChats(*(client.as_callable(r) if client is not None and not scripted and client.has_role(r) else None
                            for r in ("mock_user", "mock_tool", "judge")))
     return World(spec, chats)

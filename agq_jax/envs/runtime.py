@@ -318,7 +318,7 @@ def _make_tools(task: Task, tools: ToolSpec, chat: Optional[ChatFn], cache: Opti
     raise ValueError(f"unknown tools kind {tools!r}: use auto | state | teacher | expected, a ToolBackend or a factory")
 
 
-def _make_user(task: Task, user: UserSpec, chat: Optional[ChatFn]) -> UserSimulator:
+def _make_user(task: Task, user: UserSpec, chat: Optional[ChatFn], corrects: bool = False) -> UserSimulator:
     if isinstance(user, UserSimulator):
         return user
     if callable(user) and not isinstance(user, str):
@@ -326,7 +326,7 @@ def _make_user(task: Task, user: UserSpec, chat: Optional[ChatFn]) -> UserSimula
     if user == "auto":
         user = "teacher" if (chat is not None and not task.user.hidden_facts) else "scripted"
     if user == "scripted":
-        return ScriptedUser(task)
+        return ScriptedUser(task, corrects=corrects)
     if user == "teacher":
         if chat is None:
             raise ValueError("user='teacher' needs a chat callable (user_chat= or chat=)")
@@ -338,16 +338,17 @@ def make_env(task: Task, *, user: UserSpec = "auto", tools: ToolSpec = "auto", l
              chat: Optional[ChatFn] = None, user_chat: Optional[ChatFn] = None, tool_chat: Optional[ChatFn] = None,
              tool_cache: Optional[SharedToolCache] = None, embed_tools: bool = True,
              token_counter: Callable[[str], int] = approx_token_count, protocol: str = "plain",
-             reward_config=None, judge=None) -> Env:
+             reward_config=None, judge=None, user_corrects: bool = False) -> Env:
     """Build an env. `tools`: auto (state-backed when the task has a registered world, else teacher-simulated),
     state, teacher, expected (pinned returns only, offline), a backend or a `task -> backend` factory.
     `user`: auto (scripted unless a teacher is given and the task has no structured hidden facts), scripted,
-    teacher, a simulator or a factory. `chat` is the default teacher for both; `tool_cache` should be shared
+    teacher, a simulator or a factory (`user_corrects`: the scripted user corrects a restated wrong option,
+    `ScriptedUser`). `chat` is the default teacher for both; `tool_cache` should be shared
     by all rollouts of one GRPO group. `protocol`: plain | reference (`envs.reference`). `reward_config` and
     `judge` (an `envs.judge.Judge`) are what `env.reward()` scores with. `embed_tools=True` renders the tools
     into the system message as the Qwen3 template does, so callers must NOT also pass `tools=` to the template."""
     backend = _make_tools(task, tools, tool_chat or chat, tool_cache)
-    sim = _make_user(task, user, user_chat or chat)
+    sim = _make_user(task, user, user_chat or chat, user_corrects)
     return Env(task, sim, backend, limits or EpisodeLimits(), embed_tools, token_counter, protocol=protocol,
                reward_config=reward_config, judge=judge)
 

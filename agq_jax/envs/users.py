@@ -101,17 +101,42 @@ def escape_ladder(task: Task) -> list[str]:
     return []
 
 
+def wanted_options(task: Task) -> list[tuple[str, list[str]]]:
+    """(the value the user wants, the other options) for every enum argument of the task's gold writes: what a
+    user who holds the task's facts would check in a restatement."""
+    schemas = {t.name: t for t in task.tools}
+    out = []
+    for call in task.gold_actions:
+        tool = schemas.get(call.name)
+        if tool is None or tool.kind != "write":
+            continue
+        props = tool.parameters.get("properties", {})
+        for key, value in call.arguments.items():
+            options = [str(o) for o in (props.get(key) or {}).get("enum") or []]
+            if str(value) in options:
+                out.append((str(value), [o for o in options if o != str(value)]))
+    return out
+
+
+def _names(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.I) is not None
+
+
 class ScriptedUser(UserSimulator):
     """Deterministic user driven by the task's `UserProfile`.
 
     Rules, in order: a question that names a hidden fact's keywords reveals that fact (never otherwise);
-    a confirmation request is answered with `profile.confirm`; a refusal triggers the next rung of the escape
-    ladder and, once it is used up, the user stops; any other question gets the background sentence that
-    matches it best (one sentence at a time); any other statement ends the episode with the stop marker.
+    a confirmation request is answered with `profile.confirm` — with `corrects`, one that names another
+    option of a gold write's enum argument and not the one the user wants gets "No. I'd like X." (a no, and
+    no reveal: the "asked" sub-goal still needs the agent's question), as an LLM user holding the facts
+    would; a refusal triggers the next rung of the escape ladder and, once it is used up, the user stops; any
+    other question gets the background sentence that matches it best (one sentence at a time); any other
+    statement ends the episode with the stop marker.
     """
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, corrects: bool = False):
         self.task = task
+        self.wanted = wanted_options(task) if corrects else []
         self.profile = task.user
         self.revealed: set[str] = set()
         self.escape_index = 0
@@ -141,6 +166,10 @@ class ScriptedUser(UserSimulator):
             return self._say(UserTurn(" ".join(f.reveal_text or f"It's {f.value}." for f in new),
                                       revealed=[f.key for f in new]))
         if asking and CONFIRM_ASK.search(agent_text) and not REFUSAL.search(agent_text):
+            wrong = [want for want, others in self.wanted
+                     if not _names(agent_text, want) and any(_names(agent_text, o) for o in others)]
+            if self.profile.confirm and wrong:
+                return UserTurn(f"No. I'd like {wrong[0]}.", confirmed=False)
             if self.profile.confirm:
                 return UserTurn("Yes, please go ahead.", confirmed=True)
             return UserTurn(f"No, please don't do that. I've changed my mind. {SCRIPTED_STOP}", stop=True, confirmed=False)

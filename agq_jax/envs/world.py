@@ -1,7 +1,7 @@
 """The simulated world an episode runs in, chosen per config and shared by training and evaluation.
 
 user: scripted (rules over the task's hidden facts and background) | teacher (the reference's LLM mock user)
-| auto; tools: auto (the task's own world when it has one, else teacher) | state | expected (pinned returns,
+| auto (`user_corrects`: the scripted user says no to a restated wrong option); tools: auto (the task's own world when it has one, else teacher) | state | expected (pinned returns,
 offline) | teacher (the state-aware LLM mock tool); judge: none | teacher (the rubric text judged); protocol:
 plain | reference (`envs.reference`); gates: the reward gates (`envs.rewards.GATES`). The paper's world is
 teacher / teacher / teacher under the reference protocol; the offline default is the scripted world.
@@ -31,8 +31,12 @@ class WorldSpec:
     gates: tuple[str, ...] = ("no_forbidden",)
     max_agent_turns: int = 15
     max_user_turns: int = 15
+    user_corrects: bool = False
 
     def __post_init__(self):
+        if self.user_corrects and self.user == "teacher":
+            raise ValueError("world user_corrects: only the scripted user follows this rule (a teacher user "
+                             "answers a restatement as its prompt says)")
         for name, value, allowed in (("user", self.user, USERS), ("tools", self.tools, TOOLS),
                                      ("judge", self.judge, JUDGES), ("protocol", self.protocol, reference.PROTOCOLS)):
             if value not in allowed:
@@ -67,7 +71,8 @@ class World:
     def make_env(self, task: Task, tool_cache: Optional[SharedToolCache] = None) -> Env:
         return make_env(task, user=self.spec.user, tools=self.spec.tools, limits=self.limits,
                         user_chat=self.chats.mock_user, tool_chat=self.chats.mock_tool, tool_cache=tool_cache,
-                        protocol=self.spec.protocol, reward_config=self.reward_config, judge=self.judge)
+                        protocol=self.spec.protocol, reward_config=self.reward_config, judge=self.judge,
+                        user_corrects=self.spec.user_corrects)
 
     def gold_replies(self, task: Task) -> list[str]:
         """The task's gold replies in this world's protocol (candidates: verify them by replaying)."""

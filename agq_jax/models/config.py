@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30   # safetensors shard size of an HF export (run_config export.max_shard_bytes)
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "blocked", "splash")
 MOE_IMPLS = ("ragged", "tiled", "megablox", "dense", "auto")

@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from agq_jax.models.config import Qwen3Config
+from agq_jax.models.config import DEFAULT_MAX_SHARD_BYTES, Qwen3Config
 from agq_jax.models.qwen3 import Qwen3ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 QWEN3_TOKENIZER_SIZE = 151669

@@ -3,8 +3,9 @@
 `configs/*.py` files build an ml_collections ConfigDict from these defaults (so `--config.rl.group_size=8`
 and the `:LAYOUT` suffix keep working); `RunConfig.from_configdict` turns it, once, into these frozen
 sections, which the driver, trainer, sampler, data pipeline, exporter and compile-ahead tool receive.
-A key that is not defined here is an error naming it; `tests/test_knob_coverage.py` runs the real entry
-points and fails on any field below that nothing reads. No jax import: loading a config stays instant.
+A key that is not defined here is an error naming it; `tests/test_train_entry.py::test_every_knob_is_read`
+runs the real entry points and fails on any field below that nothing reads. No jax import: loading a config
+stays instant.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import field
 from typing import Mapping, NamedTuple
 
+from agq_jax.models.config import DEFAULT_MAX_SHARD_BYTES
 from agq_jax.run_config.tracking import Section
 
 
@@ -130,6 +132,7 @@ class EnvSection(Section):
     gates: tuple = ("no_forbidden",)     # reward gates (envs.rewards.GATES); the reference's: + tool_response, clean_end
     max_agent_turns: int = 15            # agent replies per episode (reference: 15)
     max_user_turns: int = 15             # simulated-user replies after the opening (reference: 15)
+    user_corrects: bool = False          # scripted user: "No. I'd like X." to a restated wrong option, not a yes
 
     def __post_init__(self):
         from agq_jax.envs.world import JUDGES, TOOLS, USERS, WorldSpec
@@ -138,7 +141,7 @@ class EnvSection(Section):
         _one_of("env.tools", self.tools, TOOLS)
         _one_of("env.judge", self.judge, JUDGES)
         try:
-            WorldSpec(protocol=self.protocol, gates=tuple(self.gates))
+            WorldSpec(user=self.user, protocol=self.protocol, gates=tuple(self.gates), user_corrects=self.user_corrects)
         except ValueError as e:
             raise ValueError(f"config env: {e}") from None
         _positive("env.max_agent_turns", self.max_agent_turns)
@@ -287,7 +290,7 @@ class CheckpointSection(Section):
 @dataclasses.dataclass(frozen=True)
 class ExportSection(Section):
     every_round: bool = True             # an HF directory (safetensors + config + tokenizer) per round
-    max_shard_bytes: int = 5 * 2**30
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
