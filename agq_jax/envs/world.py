@@ -1,10 +1,11 @@
 """The simulated world an episode runs in, chosen per config and shared by training and evaluation.
 
 user: scripted (rules over the task's hidden facts and background) | teacher (the reference's LLM mock user)
-| auto (`user_corrects`: the scripted user says no to a restated wrong option); tools: auto (the task's own world when it has one, else teacher) | state | expected (pinned returns,
-offline) | teacher (the state-aware LLM mock tool); judge: none | teacher (the rubric text judged); protocol:
-plain | reference (`envs.reference`); gates: the reward gates (`envs.rewards.GATES`). The paper's world is
-teacher / teacher / teacher under the reference protocol; the offline default is the scripted world.
+| auto; user_corrects: the scripted user says no to a restated wrong option instead of confirming it; tools:
+auto (the task's own world when it has one, else teacher) | state | expected (pinned returns, offline) |
+teacher (the state-aware LLM mock tool); judge: none | teacher (the rubric text judged); protocol: plain |
+reference (`envs.reference`); gates: the reward gates (`envs.rewards.GATES`). The paper's world is teacher /
+teacher / teacher under the reference protocol; the offline default is the scripted world.
 """
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class EnvSection(Section):
     gates: tuple = ("no_forbidden",)     # reward gates (envs.rewards.GATES); the reference's: + tool_response, clean_end
     max_agent_turns: int = 15            # agent replies per episode (reference: 15)
     max_user_turns: int = 15             # simulated-user replies after the opening (reference: 15)
-    user_corrects: bool = False          # scripted user: "No. I'd like X." to a restated wrong option, not a yes
+    user_corrects: bool = False          # scripted user: "No. I'd like X." to a restated wrong option
 
     def __post_init__(self):
         from agq_jax.envs.world import JUDGES, TOOLS, USERS, WorldSpec
