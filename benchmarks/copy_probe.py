@@ -55,12 +55,6 @@ def token_classes(tok, token_ids: list[int], options: list[str]) -> list[str]:
     return out
 
 
-def write_options(task) -> list[str]:
-    """The enum values of the task's write tool (the choice the user makes), in the schema's order."""
-    write = next(t for t in task.tools if t.kind == "write")
-    return next(p["enum"] for p in write.parameters["properties"].values() if "enum" in p)
-
-
 def _value(piece: str, options: list[str]) -> str | None:
     """The option a token stands for: one it contains, else the only one containing it (a piece of a value)."""
     hits = [o for o in options if o in piece]
@@ -74,6 +68,7 @@ def probe(rc, tok, predict, n_tasks: int) -> dict:
     """Counts over `n_tasks` gold episodes per domain x branch type; `predict(token_ids) -> argmax per position`."""
     from agq_jax.driver.data import AGENTIC, Item, make_world, verify_gold
     from agq_jax.driver.sft import expert_sequence
+    from agq_jax.envs.users import wanted_options
     from agq_jax.envs.worlds.generator import Knobs, all_domains, generate_task
     from agq_jax.tokenizer import SpecialIds
 
@@ -87,7 +82,7 @@ def probe(rc, tok, predict, n_tasks: int) -> dict:
                 item = Item(AGENTIC, task.id, task)
                 item.gold = verify_gold(item, world)
                 ex = expert_sequence(item, tok, ids, rc)
-                options = write_options(task)
+                (_, options), = wanted_options(task)   # the write's enum, in the schema's order
                 x = ex["token_ids"]
                 pred = predict(x)
                 classes = token_classes(tok, x, options)

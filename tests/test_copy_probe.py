@@ -40,11 +40,12 @@ def test_first_option_predictor_is_counted_as_such(setup):
     """A predictor that always writes the enum's first option: right exactly where gold chose it, and every
     error is a first-option error, with the swaps naming the values."""
     rc, tok = setup
+    from agq_jax.envs.users import wanted_options
     from agq_jax.envs.worlds.generator import all_domains, generate_task, Knobs
 
     firsts = {}
     for d in all_domains():
-        opts = copy_probe.write_options(generate_task(d, "legal", 1, Knobs(level=0)))
+        (_, opts), = wanted_options(generate_task(d, "legal", 1, Knobs(level=0)))
         if not opts[0][:1].isdigit():
             firsts[d] = opts
 

@@ -166,7 +166,8 @@ def test_a_correcting_user_says_no_to_a_wrong_option_and_cheap_policies_still_lo
     from agq_jax.envs.users import CONFIRM_ASK, wanted_options
 
     task = tasks[(domain, branch, 0)]
-    (want, others), = wanted_options(task)
+    (want, options), = wanted_options(task)
+    others = [o for o in options if o != want]
     gold = task.gold_replies
     i = next(j for j, r in enumerate(gold) if CONFIRM_ASK.search(r) and _restated(r, want, others[0]) != r)
     wrong_q = _restated(gold[i], want, others[0])

@@ -102,8 +102,8 @@ def escape_ladder(task: Task) -> list[str]:
 
 
 def wanted_options(task: Task) -> list[tuple[str, list[str]]]:
-    """(the value the user wants, the other options) for every enum argument of the task's gold writes: what a
-    user who holds the task's facts would check in a restatement."""
+    """(the value the user wants, all the options in the schema's order) for every enum argument of the task's
+    gold writes: what a user who holds the task's facts would check in a restatement."""
     schemas = {t.name: t for t in task.tools}
     out = []
     for call in task.gold_actions:
@@ -114,7 +114,7 @@ def wanted_options(task: Task) -> list[tuple[str, list[str]]]:
         for key, value in call.arguments.items():
             options = [str(o) for o in (props.get(key) or {}).get("enum") or []]
             if str(value) in options:
-                out.append((str(value), [o for o in options if o != str(value)]))
+                out.append((str(value), options))
     return out
 
 
@@ -166,8 +166,8 @@ class ScriptedUser(UserSimulator):
             return self._say(UserTurn(" ".join(f.reveal_text or f"It's {f.value}." for f in new),
                                       revealed=[f.key for f in new]))
         if asking and CONFIRM_ASK.search(agent_text) and not REFUSAL.search(agent_text):
-            wrong = [want for want, others in self.wanted
-                     if not _names(agent_text, want) and any(_names(agent_text, o) for o in others)]
+            wrong = [want for want, options in self.wanted
+                     if not _names(agent_text, want) and any(_names(agent_text, o) for o in options if o != want)]
             if self.profile.confirm and wrong:
                 return UserTurn(f"No. I'd like {wrong[0]}.", confirmed=False)
             if self.profile.confirm:
